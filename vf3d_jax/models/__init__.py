@@ -1,0 +1,1 @@
+"""Flax models of vf3d_jax."""
