@@ -1,0 +1,212 @@
+"""The triplane field: plane sampling and the small MLP that decodes features.
+
+Conventions (see the README's "Conventions" section):
+
+* Planes are ``[N, 3, H, W, C]`` (channels last). Plane 0 is XY, plane 1 is XZ,
+  plane 2 is ZY; a point ``(x, y, z)`` in the box ``[-1, 1]^3`` lands on plane 0
+  at ``(x, y)``, on plane 1 at ``(x, z)`` and on plane 2 at ``(z, y)``, where
+  the first coordinate indexes the width and the second the height.
+* Sampling is bilinear with zero padding and ``align_corners=False``, exactly
+  PyTorch's ``grid_sample``: a normalised coordinate ``g`` maps to the pixel
+  coordinate ``((g + 1) * size - 1) / 2``. Points at ``+-1`` therefore read
+  half of a zero border.
+* The decoder MLP turns the concatenated ``[f_xy, f_xz, f_zy]`` features into a
+  raw density (channel 0) and colours ``sigmoid(x) * 1.002 - 0.001``.
+
+Everything here is a pure function of arrays so the renderer, the mesh
+extraction and training share one definition.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# (width axis, height axis) of each plane, as indices into (x, y, z).
+PLANE_AXES = ((0, 1), (0, 2), (2, 1))
+# Colour activation of the released decoder: sigmoid stretched by 0.1%.
+RGB_PADDING = 0.001
+
+
+def project_to_planes(points: jax.Array, box_size: float = 2.0) -> jax.Array:
+  """Projects points onto the three planes.
+
+  Args:
+    points: ``[..., 3]`` world coordinates.
+    box_size: side of the cube the planes span (the upstream ``box_warp``).
+
+  Returns:
+    ``[..., 3, 2]`` normalised plane coordinates ``(u, v)``; ``u`` indexes the
+    width and ``v`` the height of each plane, ``[-1, 1]`` inside the box.
+  """
+  points = points * (2.0 / box_size)
+  return jnp.stack([points[..., jnp.array(axes)] for axes in PLANE_AXES], axis=-2)
+
+
+def grid_sample(image: jax.Array, coords: jax.Array) -> jax.Array:
+  """Bilinear sampling with PyTorch ``grid_sample`` semantics.
+
+  ``mode='bilinear', padding_mode='zeros', align_corners=False``.
+
+  Args:
+    image: ``[H, W, C]``.
+    coords: ``[..., 2]`` normalised ``(u, v)``; ``u`` indexes the width.
+
+  Returns:
+    ``[..., C]`` samples, in ``image.dtype``.
+  """
+  height, width, channels = image.shape
+  # A one-pixel zero border makes out-of-range corners read zeros without
+  # masks: indices are shifted by one and clipped into the padded image.
+  padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0))).reshape(-1, channels)
+  coords = coords.astype(jnp.float32)
+  px = ((coords[..., 0] + 1.0) * width - 1.0) * 0.5
+  py = ((coords[..., 1] + 1.0) * height - 1.0) * 0.5
+  x0 = jnp.floor(px)
+  y0 = jnp.floor(py)
+  wx1 = px - x0
+  wy1 = py - y0
+  wx0 = 1.0 - wx1
+  wy0 = 1.0 - wy1
+  x0 = x0.astype(jnp.int32) + 1
+  y0 = y0.astype(jnp.int32) + 1
+
+  def corner(y, x):
+    y = jnp.clip(y, 0, height + 1)
+    x = jnp.clip(x, 0, width + 1)
+    return jnp.take(padded, y * (width + 2) + x, axis=0).astype(jnp.float32)
+
+  out = (corner(y0, x0) * (wy0 * wx0)[..., None]
+         + corner(y0, x0 + 1) * (wy0 * wx1)[..., None]
+         + corner(y0 + 1, x0) * (wy1 * wx0)[..., None]
+         + corner(y0 + 1, x0 + 1) * (wy1 * wx1)[..., None])
+  return out.astype(image.dtype)
+
+
+def sample_triplane(planes: jax.Array, points: jax.Array,
+                    box_size: float = 2.0) -> jax.Array:
+  """Samples one triplane at points.
+
+  Args:
+    planes: ``[3, H, W, C]``.
+    points: ``[..., 3]``.
+    box_size: side of the cube the planes span.
+
+  Returns:
+    ``[..., 3 * C]`` features ordered ``[f_xy, f_xz, f_zy]``.
+  """
+  coords = project_to_planes(points, box_size)
+  feats = [grid_sample(planes[i], coords[..., i, :]) for i in range(3)]
+  return jnp.concatenate(feats, axis=-1)
+
+
+def decoder_layer_names(decoder_params: Mapping[str, Mapping[str, jax.Array]]):
+  """The decoder's Dense layers in order (``net_0``, ``net_2``, ...)."""
+  return sorted(decoder_params, key=lambda name: int(name.rsplit("_", 1)[1]))
+
+
+def decode_features(decoder_params: Mapping[str, Mapping[str, jax.Array]],
+                    features: jax.Array, dtype=jnp.float32):
+  """Runs the decoder MLP: ReLU between Dense layers, none after the last.
+
+  Args:
+    decoder_params: ``{"net_0": {"kernel", "bias"}, "net_2": ..., ...}``.
+    features: ``[..., 3 * C]``.
+    dtype: compute dtype of the matmuls (accumulation stays float32).
+
+  Returns:
+    ``(raw_density [...], rgb [..., 3])`` in float32; the density is the raw
+    network output, before any activation.
+  """
+  names = decoder_layer_names(decoder_params)
+  x = features.astype(dtype)
+  for i, name in enumerate(names):
+    layer = decoder_params[name]
+    x = jnp.dot(x, layer["kernel"].astype(dtype),
+                preferred_element_type=jnp.float32) + layer["bias"]
+    if i < len(names) - 1:
+      x = jax.nn.relu(x).astype(dtype)
+  raw_density = x[..., 0]
+  rgb = jax.nn.sigmoid(x[..., 1:]) * (1 + 2 * RGB_PADDING) - RGB_PADDING
+  return raw_density, rgb
+
+
+def density_activation(raw_density: jax.Array) -> jax.Array:
+  """The released model's density activation, ``softplus(raw - 1)``."""
+  return jax.nn.softplus(raw_density - 1.0)
+
+
+def query_field(decoder_params, planes: jax.Array, points: jax.Array,
+                box_size: float = 2.0):
+  """Raw density and colour of one triplane at points.
+
+  Args:
+    decoder_params: the ``synthesizer/decoder`` parameters.
+    planes: ``[3, H, W, C]``.
+    points: ``[..., 3]``.
+    box_size: side of the cube the planes span.
+
+  Returns:
+    ``(raw_density [...], rgb [..., 3])``.
+  """
+  return decode_features(decoder_params, sample_triplane(planes, points, box_size))
+
+
+def density_rgb(params, planes: jax.Array, points: jax.Array,
+                box_size: float = 2.0):
+  """Activated density and colour at points, the query meshes are built from.
+
+  Args:
+    params: the LRM's parameters (``{"synthesizer": {"decoder": ...}, ...}``)
+      or the decoder's own.
+    planes: ``[N, 3, H, W, C]``.
+    points: ``[N, ..., 3]``.
+    box_size: side of the cube the planes span.
+
+  Returns:
+    ``(density [N, ...], rgb [N, ..., 3])``; density is ``softplus(raw - 1)``.
+  """
+  decoder_params = params
+  if "synthesizer" in decoder_params:
+    decoder_params = decoder_params["synthesizer"]
+  if "decoder" in decoder_params:
+    decoder_params = decoder_params["decoder"]
+  raw, rgb = jax.vmap(lambda p, x: query_field(decoder_params, p, x, box_size))(
+      planes, points)
+  return density_activation(raw), rgb
+
+
+class _LinearParams(nn.Module):
+  """Declares one Dense layer's ``kernel`` and ``bias`` and returns them."""
+
+  in_dim: int  # input features
+  out_dim: int  # output features
+
+  @nn.compact
+  def __call__(self):
+    # PyTorch's nn.Linear initialisation, so fresh models behave alike.
+    bound = 1.0 / self.in_dim ** 0.5
+    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    return {"kernel": self.param("kernel", init, (self.in_dim, self.out_dim)),
+            "bias": self.param("bias", init, (self.out_dim,))}
+
+
+class TriplaneDecoder(nn.Module):
+  """The decoder MLP, its layers named after the released ``net.{i}``."""
+
+  hidden: int = 64  # width of the hidden layers
+  layers: int = 4  # number of Dense layers (released: 4)
+  out: int = 4  # raw density + rgb
+
+  @nn.compact
+  def __call__(self, features: jax.Array):
+    params = {}
+    in_dim = features.shape[-1]
+    for i in range(self.layers):
+      out_dim = self.out if i == self.layers - 1 else self.hidden
+      params[f"net_{2 * i}"] = _LinearParams(in_dim, out_dim, name=f"net_{2 * i}")()
+      in_dim = out_dim
+    return decode_features(params, features)

@@ -1,0 +1,1 @@
+"""Cameras, rays and volume rendering of triplanes."""
