@@ -1,0 +1,1 @@
+"""Numerical building blocks shared across vf3d_jax."""
