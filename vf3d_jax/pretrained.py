@@ -1,0 +1,86 @@
+"""Pretrained LRMs on disk: our Orbax format, and one loader for every format.
+
+Our format is a directory::
+
+  <dir>/arch.json   the LRMArch (see vf3d_jax.models.lrm)
+  <dir>/params/     an Orbax checkpoint of the float32 parameter tree
+
+It is written to ``<dir>.tmp-<pid>`` and renamed into place, so an interrupted
+conversion leaves no directory that looks complete.
+
+:func:`load_lrm` accepts that directory, the released ``model.safetensors`` or
+a PyTorch pickle with a ``model_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vf3d_jax.models.lrm import LRMArch, param_shapes
+from vf3d_jax.weights.state_dict import CheckpointError
+from vf3d_jax.weights.vfusion3d import load_checkpoint_file
+
+ARCH_FILE = "arch.json"
+PARAMS_DIR = "params"
+
+
+def save_pretrained(directory: str | os.PathLike, arch: LRMArch, params) -> str:
+  """Writes ``arch`` and ``params`` as our pretrained directory; returns its path."""
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory):
+    raise FileExistsError(f"{directory} already exists; remove it or choose another --output")
+  tmp = f"{directory}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    with open(os.path.join(tmp, ARCH_FILE), "w") as f:
+      json.dump(arch.to_dict(), f, indent=2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, PARAMS_DIR), jax.tree.map(np.asarray, params))
+    checkpointer.wait_until_finished()
+    os.rename(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return directory
+
+
+def is_pretrained_dir(path: str | os.PathLike) -> bool:
+  return os.path.isfile(os.path.join(path, ARCH_FILE))
+
+
+def load_pretrained(directory: str | os.PathLike):
+  """Reads our pretrained directory: ``(arch, params)`` with jax array leaves."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not is_pretrained_dir(directory):
+    raise CheckpointError(f"{directory}: not a vf3d_jax pretrained directory (no {ARCH_FILE})")
+  with open(os.path.join(directory, ARCH_FILE)) as f:
+    arch = LRMArch.from_dict(json.load(f))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_shapes(arch))
+  try:
+    params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+  except Exception as e:  # orbax raises several kinds for damaged directories
+    raise CheckpointError(f"{directory}: cannot restore parameters ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  return arch, params
+
+
+def load_lrm(path: str | os.PathLike, **arch_overrides):
+  """Loads an LRM from any supported format: ``(arch, params)``.
+
+  Args:
+    path: our pretrained directory, a ``.safetensors`` file or a PyTorch pickle.
+    **arch_overrides: passed to ``infer_arch`` for checkpoint files
+      (``encoder_heads``, ``heads``, ``input_size``, ``pos_resize``).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return load_pretrained(path)
+  arch, params = load_checkpoint_file(path, **arch_overrides)
+  return arch, jax.tree.map(jnp.asarray, params)

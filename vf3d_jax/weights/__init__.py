@@ -1,0 +1,1 @@
+"""Reading and converting model weights."""

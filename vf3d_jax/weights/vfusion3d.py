@@ -1,0 +1,242 @@
+"""The released VFusion3D checkpoint layout <-> vf3d_jax LRM parameters.
+
+The conversion is one table, :data:`RULES`: a regular expression over our
+parameter paths (``/``-joined), the checkpoint key it corresponds to, and the
+transform from the checkpoint's tensor layout to ours. The same table converts
+back (:func:`to_state_dict`), so checkpoints round-trip.
+
+Layouts: PyTorch ``Linear.weight`` is ``(out, in)``, ours ``(in, out)``;
+``Conv2d.weight`` is ``(out, in, kh, kw)``, ours ``(kh, kw, in, out)``; the
+upsampler's ``ConvTranspose2d.weight`` is ``(in, out, kh, kw)``, ours
+``(in, kh, kw, out)``.
+
+The architecture is read off the checkpoint's shapes (:func:`infer_arch`), so
+any checkpoint of this family loads; head counts are not visible in shapes and
+default to ``width // 64`` (true for DINOv2 and VFusion3D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Callable, Mapping
+
+import flax.traverse_util
+import jax
+import numpy as np
+
+from vf3d_jax.models.dinov2 import EncoderArch
+from vf3d_jax.models.lrm import LRMArch, param_shapes
+from vf3d_jax.weights.state_dict import (CheckpointError, read_safetensors_metadata,
+                                         read_state_dict, write_safetensors)
+
+# safetensors metadata entry holding the architecture as JSON (files we write).
+ARCH_METADATA_KEY = "vf3d_jax.arch"
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A layout change between the checkpoint (``load``) and our parameters (``save``)."""
+
+  load: Callable[[np.ndarray], np.ndarray]
+  save: Callable[[np.ndarray], np.ndarray]
+
+
+SAME = Transform(lambda x: x, lambda x: x)
+LINEAR = Transform(lambda x: x.T, lambda x: x.T)
+CONV = Transform(lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+CONV_TRANSPOSE = Transform(lambda x: x.transpose(0, 2, 3, 1), lambda x: x.transpose(0, 3, 1, 2))
+
+_ENC = "encoder.model"
+_LAYER = r"encoder/layer_(\d+)"
+_BLOCK = r"transformer/layers_(\d+)"
+
+# (our parameter path, checkpoint key, transform). Paths are full-match regexes;
+# keys use their groups.
+RULES: tuple[tuple[str, str, Transform], ...] = (
+    # DINOv2 encoder.
+    (r"encoder/embeddings/(cls_token|mask_token|position_embeddings)",
+     _ENC + r".embeddings.\1", SAME),
+    (r"encoder/embeddings/patch_embeddings/projection/kernel",
+     _ENC + ".embeddings.patch_embeddings.projection.weight", CONV),
+    (r"encoder/embeddings/patch_embeddings/projection/bias",
+     _ENC + ".embeddings.patch_embeddings.projection.bias", SAME),
+    (_LAYER + r"/(norm[12])/scale", _ENC + r".encoder.layer.\1.\2.weight", SAME),
+    (_LAYER + r"/(norm[12])/bias", _ENC + r".encoder.layer.\1.\2.bias", SAME),
+    (_LAYER + r"/attention/(query|key|value)/kernel",
+     _ENC + r".encoder.layer.\1.attention.attention.\2.weight", LINEAR),
+    (_LAYER + r"/attention/(query|key|value)/bias",
+     _ENC + r".encoder.layer.\1.attention.attention.\2.bias", SAME),
+    (_LAYER + r"/attention/output/kernel", _ENC + r".encoder.layer.\1.attention.output.dense.weight",
+     LINEAR),
+    (_LAYER + r"/attention/output/bias", _ENC + r".encoder.layer.\1.attention.output.dense.bias",
+     SAME),
+    (_LAYER + r"/(layer_scale[12])", _ENC + r".encoder.layer.\1.\2.lambda1", SAME),
+    (_LAYER + r"/(fc[12])/kernel", _ENC + r".encoder.layer.\1.mlp.\2.weight", LINEAR),
+    (_LAYER + r"/(fc[12])/bias", _ENC + r".encoder.layer.\1.mlp.\2.bias", SAME),
+    (r"encoder/layernorm/scale", _ENC + ".layernorm.weight", SAME),
+    (r"encoder/layernorm/bias", _ENC + ".layernorm.bias", SAME),
+    # Camera embedder.
+    (r"camera_embedder/mlp_(\d)/kernel", r"camera_embedder.mlp.\1.weight", LINEAR),
+    (r"camera_embedder/mlp_(\d)/bias", r"camera_embedder.mlp.\1.bias", SAME),
+    # Triplane transformer.
+    (r"transformer/pos_embed", "transformer.pos_embed", SAME),
+    (_BLOCK + r"/(norm[123])/norm/scale", r"transformer.layers.\1.\2.norm.weight", SAME),
+    (_BLOCK + r"/(norm[123])/norm/bias", r"transformer.layers.\1.\2.norm.bias", SAME),
+    (_BLOCK + r"/(norm[123])/mlp_1/kernel", r"transformer.layers.\1.\2.mlp.1.weight", LINEAR),
+    (_BLOCK + r"/(norm[123])/mlp_1/bias", r"transformer.layers.\1.\2.mlp.1.bias", SAME),
+    (_BLOCK + r"/cross_attn/([qkv])_proj/kernel", r"transformer.layers.\1.cross_attn.\2_proj_weight",
+     LINEAR),
+    (_BLOCK + r"/cross_attn/out_proj/kernel", r"transformer.layers.\1.cross_attn.out_proj.weight",
+     LINEAR),
+    (_BLOCK + r"/self_attn/in_proj/kernel", r"transformer.layers.\1.self_attn.in_proj_weight", LINEAR),
+    (_BLOCK + r"/self_attn/out_proj/kernel", r"transformer.layers.\1.self_attn.out_proj.weight",
+     LINEAR),
+    (_BLOCK + r"/mlp_([03])/kernel", r"transformer.layers.\1.mlp.\2.weight", LINEAR),
+    (_BLOCK + r"/mlp_([03])/bias", r"transformer.layers.\1.mlp.\2.bias", SAME),
+    (r"transformer/norm/(scale)", "transformer.norm.weight", SAME),
+    (r"transformer/norm/(bias)", "transformer.norm.bias", SAME),
+    (r"transformer/deconv/kernel", "transformer.deconv.weight", CONV_TRANSPOSE),
+    (r"transformer/deconv/bias", "transformer.deconv.bias", SAME),
+    # Triplane field decoder.
+    (r"synthesizer/decoder/net_(\d+)/kernel", r"synthesizer.decoder.net.\1.weight", LINEAR),
+    (r"synthesizer/decoder/net_(\d+)/bias", r"synthesizer.decoder.net.\1.bias", SAME),
+)
+_COMPILED = tuple((re.compile(p), key, t) for p, key, t in RULES)
+
+
+def checkpoint_key(path: str) -> tuple[str, Transform]:
+  """The checkpoint key and transform of one of our parameter paths."""
+  for pattern, key, transform in _COMPILED:
+    m = pattern.fullmatch(path)
+    if m:
+      return m.expand(key), transform
+  raise KeyError(f"no conversion rule for parameter {path}")
+
+
+def _flat(tree) -> dict[str, object]:
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _indices(state: Mapping[str, np.ndarray], prefix: str) -> list[int]:
+  pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+  return sorted({int(m.group(1)) for k in state for m in [pattern.match(k)] if m})
+
+
+def _shape(state, key: str) -> tuple[int, ...]:
+  if key not in state:
+    raise CheckpointError(f"not a VFusion3D checkpoint: missing key {key}")
+  return tuple(state[key].shape)
+
+
+def infer_arch(state: Mapping[str, np.ndarray], *, encoder_heads: int | None = None,
+               heads: int | None = None, input_size: int = 512,
+               pos_resize: str = "legacy") -> LRMArch:
+  """Reads the architecture off a checkpoint's tensor shapes."""
+  enc_width = _shape(state, f"{_ENC}.embeddings.cls_token")[-1]
+  patch = _shape(state, f"{_ENC}.embeddings.patch_embeddings.projection.weight")[-1]
+  pos_tokens = _shape(state, f"{_ENC}.embeddings.position_embeddings")[1] - 1
+  enc_layers = _indices(state, f"{_ENC}.encoder.layer")
+  if not enc_layers:
+    raise CheckpointError("not a VFusion3D checkpoint: no encoder layers")
+  enc_mlp = _shape(state, f"{_ENC}.encoder.layer.0.mlp.fc1.weight")[0]
+  cam_embed, cam_dim = _shape(state, "camera_embedder.mlp.0.weight")
+  _, tokens, width = _shape(state, "transformer.pos_embed")
+  blocks = _indices(state, "transformer.layers")
+  if not blocks:
+    raise CheckpointError("not a VFusion3D checkpoint: no transformer layers")
+  mlp_dim = _shape(state, "transformer.layers.0.mlp.0.weight")[0]
+  channels = _shape(state, "transformer.deconv.weight")[1]
+  net = _indices(state, "synthesizer.decoder.net")
+  if not net:
+    raise CheckpointError("not a VFusion3D checkpoint: no decoder layers")
+  hidden = _shape(state, "synthesizer.decoder.net.0.weight")[0]
+  res = int(round((tokens // 3) ** 0.5))
+  grid = int(round(pos_tokens ** 0.5))
+  if 3 * res * res != tokens or grid * grid != pos_tokens:
+    raise CheckpointError(f"position tables of unexpected size ({tokens}, {pos_tokens + 1})")
+  try:
+    return LRMArch(
+        encoder=EncoderArch(width=enc_width, depth=len(enc_layers),
+                            heads=encoder_heads or max(enc_width // 64, 1), mlp_dim=enc_mlp,
+                            patch_size=patch, pos_grid=grid, pos_resize=pos_resize),
+        camera_dim=cam_dim, camera_embed_dim=cam_embed, width=width, layers=len(blocks),
+        heads=heads or max(width // 64, 1), mlp_dim=mlp_dim, triplane_res=res,
+        triplane_channels=channels, decoder_hidden=hidden, decoder_layers=len(net),
+        input_size=input_size)
+  except ValueError as e:
+    raise CheckpointError(f"inconsistent checkpoint: {e}") from None
+
+
+def from_state_dict(state: Mapping[str, np.ndarray], arch: LRMArch):
+  """Converts a checkpoint state dict to our parameter tree, strictly.
+
+  Every parameter of ``arch`` must be present with the right shape and every
+  checkpoint key must be used; otherwise a :class:`CheckpointError` lists them.
+  """
+  expected = _flat(param_shapes(arch))
+  params, missing, wrong, used = {}, [], [], set()
+  for path, spec in expected.items():
+    key, transform = checkpoint_key(path)
+    if key not in state:
+      missing.append(key)
+      continue
+    used.add(key)
+    value = transform.load(np.asarray(state[key]))
+    if value.shape != spec.shape:
+      wrong.append(f"{key} {tuple(state[key].shape)} (expected "
+                   f"{tuple(transform.save(np.zeros(spec.shape, np.int8)).shape)})")
+      continue
+    params[path] = np.ascontiguousarray(value, dtype=np.float32)
+  unexpected = sorted(set(state) - used)
+  problems = []
+  for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+    if keys:
+      shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+      problems.append(f"{what}: {shown}")
+  if problems:
+    raise CheckpointError("checkpoint does not match the model; " + "; ".join(problems))
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+
+
+def to_state_dict(params) -> dict[str, np.ndarray]:
+  """Our parameters -> a state dict in the released layout (float32 numpy)."""
+  state = {}
+  for path, value in _flat(params).items():
+    key, transform = checkpoint_key(path)
+    state[key] = np.ascontiguousarray(transform.save(np.asarray(value, np.float32)))
+  return state
+
+
+def save_checkpoint_file(path, arch: LRMArch, params) -> None:
+  """Writes ``params`` as safetensors in the released layout, with ``arch`` as metadata."""
+  write_safetensors(to_state_dict(params), path,
+                    metadata={ARCH_METADATA_KEY: json.dumps(arch.to_dict())})
+
+
+def load_checkpoint_file(path, **arch_overrides):
+  """Reads a released-layout checkpoint: ``(arch, params)`` (numpy leaves).
+
+  The architecture comes from the file's metadata when we wrote it, else it is
+  inferred from the shapes; ``arch_overrides`` (see :func:`infer_arch`) win.
+  """
+  state = read_state_dict(path)
+  stored = read_safetensors_metadata(path).get(ARCH_METADATA_KEY)
+  if stored:
+    arch = LRMArch.from_dict(json.loads(stored))
+    if arch_overrides:
+      enc = {"heads": arch_overrides.pop("encoder_heads", arch.encoder.heads),
+             "pos_resize": arch_overrides.pop("pos_resize", arch.encoder.pos_resize)}
+      arch = dataclasses.replace(arch, encoder=dataclasses.replace(arch.encoder, **enc),
+                                 **arch_overrides)
+  else:
+    arch = infer_arch(state, **arch_overrides)
+  try:
+    return arch, from_state_dict(state, arch)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def to_device(params):
+  return jax.tree.map(jax.numpy.asarray, params)
