@@ -1,0 +1,46 @@
+"""vf3d_jax: VFusion3D (ECCV 2024) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vf3d_jax",
+    version="0.1.0",
+    description="VFusion3D in JAX/Flax: video-diffusion data engine and triplane LRM",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vf3d_jax", "vf3d_jax.*"]),
+    python_requires=">=3.10",
+    # Compatible ranges; requirements.lock pins the set that is tested together.
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "array-record>=0.8.6,<0.9",
+        # 4.57 is the last release with Flax models (CLIP, ViT, DINOv2).
+        "transformers>=4.57.6,<5",
+        "numpy>=2.4,<3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "ml-collections>=1.1.0,<2",
+        "absl-py>=2",
+        "pillow>=11",
+        "safetensors>=0.8,<0.9",
+        "protobuf>=7.36,<8",
+        "etils>=1.15",
+        "scipy>=1.17,<2",
+        "PyMCubes>=0.1.6,<0.2",
+        "scikit-image>=0.26,<0.27",
+        "trimesh>=5.2,<6",
+        "imageio>=2.38,<3",
+        # 0.8 breaks readers of the bundled ffmpeg; 0.7 ships it.
+        "imageio-ffmpeg==0.7.0",
+        "tqdm>=4.70",
+        "tensorboardX>=2.6.5",
+    ],
+    extras_require={
+        # Reading PyTorch pickles and running the PyTorch parity tests.
+        "torch": ["torch>=2.13,<3"],
+        "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3"],
+    },
+)

@@ -1,0 +1,174 @@
+"""Checkpoints in the released layout: round trips, architecture inference, errors."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vf3d_jax import pretrained
+from vf3d_jax.models import lrm
+from vf3d_jax.models.dinov2 import EncoderArch
+from vf3d_jax.weights import vfusion3d
+from vf3d_jax.weights.state_dict import CheckpointError, read_state_dict, write_safetensors
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Released depths (12 encoder layers, 16 blocks, 4 decoder layers) so all 592
+# key names occur; small widths keep the file tiny. Head dims are 64-free, so
+# the heads are what inference must guess: width // 64 -> set widths to 64k.
+FULL_DEPTH = lrm.LRMArch(
+    encoder=EncoderArch(width=64, depth=12, heads=1, mlp_dim=32, patch_size=14, pos_grid=37),
+    camera_embed_dim=24, width=128, layers=16, heads=2, mlp_dim=32, triplane_res=32,
+    triplane_channels=8, decoder_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def released_style(tmp_path_factory):
+  """A state dict in the released layout, with random values, and its safetensors file."""
+  params = jax.tree.map(np.asarray, lrm.init_params(FULL_DEPTH, jax.random.key(0)))
+  state = vfusion3d.to_state_dict(params)
+  path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+  write_safetensors(state, path)  # no metadata: like the released file
+  return params, state, path
+
+
+def _same(a, b):
+  return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+
+
+def test_state_dict_has_every_released_key(released_style):
+  _, state, _ = released_style
+  assert len(state) == 592
+  assert "encoder.model.embeddings.mask_token" in state
+  assert state["transformer.deconv.weight"].shape == (128, 8, 2, 2)
+  assert state["transformer.layers.15.self_attn.in_proj_weight"].shape == (384, 128)
+
+
+def test_safetensors_round_trip_infers_architecture(released_style):
+  params, _, path = released_style
+  arch, loaded = pretrained.load_lrm(path)
+  assert arch == FULL_DEPTH
+  assert _same(params, loaded)
+
+
+def test_torch_pickle_round_trip(released_style, tmp_path):
+  torch = pytest.importorskip("torch")
+  params, state, _ = released_style
+  path = tmp_path / "model.pth"
+  torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in state.items()},
+              "epoch": 3}, path)
+  arch, loaded = pretrained.load_lrm(path)
+  assert arch == FULL_DEPTH
+  assert _same(params, loaded)
+
+
+def test_released_shapes_give_released_architecture():
+  lines = _released_shapes()
+  state = {k: np.broadcast_to(np.float32(0), shape) for k, shape in lines.items()}
+  assert vfusion3d.infer_arch(state) == lrm.LRMArch()
+
+
+def _released_shapes():
+  path = os.path.join(REPO, "..", "shared", "spec", "vfusion3d_state_dict.tsv")
+  if not os.path.exists(path):
+    pytest.skip("shared/spec is not beside this checkout")
+  out = {}
+  for line in open(path).read().strip().splitlines():
+    key, shape = line.split("\t")
+    out[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
+  return out
+
+
+def test_metadata_keeps_head_counts(tmp_path):
+  arch = lrm.LRMArch(encoder=EncoderArch(width=32, depth=1, heads=4, mlp_dim=16, patch_size=8,
+                                         pos_grid=4), camera_embed_dim=16, width=32, layers=1,
+                     heads=8, mlp_dim=16, triplane_res=2, triplane_channels=4, decoder_hidden=8,
+                     input_size=32)
+  params = lrm.init_params(arch, jax.random.key(1))
+  vfusion3d.save_checkpoint_file(tmp_path / "m.safetensors", arch, params)
+  loaded_arch, loaded = pretrained.load_lrm(tmp_path / "m.safetensors")
+  assert loaded_arch == arch
+  assert _same(params, loaded)
+
+
+def test_missing_unexpected_and_wrong_shape_are_named(released_style):
+  _, state, _ = released_style
+  broken = dict(state)
+  del broken["transformer.layers.3.norm2.mlp.1.bias"]
+  broken["transformer.extra.weight"] = np.zeros(3, np.float32)
+  broken["synthesizer.decoder.net.2.weight"] = np.zeros((16, 15), np.float32)
+  with pytest.raises(CheckpointError) as e:
+    vfusion3d.from_state_dict(broken, FULL_DEPTH)
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert "missing: transformer.layers.3.norm2.mlp.1.bias" in msg
+  assert "unexpected: transformer.extra.weight" in msg
+  assert "wrong shape: synthesizer.decoder.net.2.weight (16, 15) (expected (16, 16))" in msg
+
+
+def test_not_a_checkpoint(tmp_path):
+  png = tmp_path / "image.png"
+  png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+  with pytest.raises(CheckpointError, match="not a safetensors file or a PyTorch checkpoint"):
+    read_state_dict(png)
+  with pytest.raises(CheckpointError, match="no such file"):
+    read_state_dict(tmp_path / "absent.safetensors")
+  other = tmp_path / "other.safetensors"
+  write_safetensors({"conv.weight": np.zeros((2, 2), np.float32)}, other)
+  with pytest.raises(CheckpointError, match="missing key encoder.model.embeddings.cls_token"):
+    pretrained.load_lrm(other)
+
+
+def test_truncated_files(released_style, tmp_path):
+  _, _, path = released_style
+  data = open(path, "rb").read()
+  for cut in (len(data) // 2, 20, 5):
+    short = tmp_path / f"short{cut}.safetensors"
+    short.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="truncated|not a safetensors"):
+      pretrained.load_lrm(short)
+
+
+def test_truncated_torch_pickle(released_style, tmp_path):
+  torch = pytest.importorskip("torch")
+  _, state, _ = released_style
+  path = tmp_path / "model.pth"
+  torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in list(state.items())[:5]}}, path)
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(CheckpointError, match="cannot read PyTorch checkpoint"):
+    pretrained.load_lrm(path)
+
+
+def test_convert_tool_writes_loadable_orbax_dir(released_style, tmp_path):
+  params, _, path = released_style
+  out = tmp_path / "converted"
+  run = lambda: subprocess.run(
+      [sys.executable, "-m", "tools.convert_vfusion3d", "--input", str(path), "--output", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = run()
+  assert result.returncode == 0, result.stderr
+  assert "parameters" in result.stdout
+  arch, loaded = pretrained.load_lrm(out)
+  assert arch == FULL_DEPTH
+  assert _same(params, loaded)
+  again = run()  # refuses to overwrite, in one line
+  assert again.returncode == 1
+  assert again.stderr.strip().startswith("error:") and "already exists" in again.stderr
+  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_convert_tool_reports_bad_input_in_one_line(tmp_path):
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"garbage")
+  result = subprocess.run(
+      [sys.executable, "-m", "tools.convert_vfusion3d", "--input", str(bad), "--output",
+       str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().count("\n") == 0
+  assert "not a safetensors file" in result.stderr
+  assert not (tmp_path / "out").exists()
