@@ -19,7 +19,7 @@ $(STAMP): requirements.lock setup.py
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m vf3d_jax.infer --output outputs/demo
+	$(PY) -m vf3d_jax.infer --config configs/infer.py:demo --output outputs/demo
 
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS) tests

@@ -1,0 +1,68 @@
+r"""Single-image -> 3D inference settings.
+
+Variants:
+
+* ``vfusion3d`` (default): the released pipeline's settings: 160-view 384x384
+  turntable at 40 fps on a radius-1.5 orbit, 64 + 64 samples a ray, 512^3 mesh
+  grid at density 1.0, float32, renderer in "compatible" mode.
+* ``fast``: the same outputs with bfloat16 model compute, bfloat16 planes and
+  decoder matmuls in the renderer (GPU/TPU).
+* ``demo``: small sizes for a CPU: 40 views at 128x128, 128^3 mesh grid; the
+  embedded tiny model when no checkpoint is given.
+
+  python -m vf3d_jax.infer --checkpoint model.safetensors --image photos/ --output out/
+  python -m vf3d_jax.infer --config configs/infer.py:fast --config.render.num_views=80 ...
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
+  if arg not in ("vfusion3d", "fast", "demo"):
+    raise ValueError(f"unknown inference variant {arg!r}; choose vfusion3d, fast or demo")
+  c = ml_collections.ConfigDict()
+  c.variant = arg
+  c.seed = 0  # randomness of the renderer's samples and the orbit's angle offset
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"  # LRM compute dtype: float32 or bfloat16
+  c.model.attention_impl = ""  # "" (XLA), "xla" or "cudnn"
+  c.model.pos_resize = "legacy"  # DINOv2 position-table resize of checkpoint files
+
+  c.preprocess = ml_collections.ConfigDict()
+  c.preprocess.foreground_ratio = 0.8  # object's longer side over the image side
+  c.preprocess.matting = "builtin"  # background removal for opaque images (a registered name)
+
+  c.render = ml_collections.ConfigDict()
+  c.render.enabled = True
+  c.render.num_views = 160
+  c.render.resolution = 384
+  c.render.radius = 1.5
+  c.render.elevation_deg = 0.0
+  c.render.fps = 40
+  c.render.format = "mp4"  # mp4 or gif
+  c.render.mode = "compatible"  # compatible (released quirks) or clean
+  c.render.num_coarse = 64
+  c.render.num_fine = 64
+  c.render.chunk_size = 16384  # rays per step; bounds memory
+  c.render.views_per_call = 8  # views rendered per compiled call
+  c.render.mlp_dtype = "float32"
+  c.render.planes_dtype = ""  # "" keeps float32 planes
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.enabled = True
+  c.mesh.resolution = 512
+  c.mesh.threshold = 1.0
+  c.mesh.format = "obj"  # obj, glb or ply
+  c.mesh.chunk = 2 ** 21  # grid points per query
+
+  if arg == "fast":
+    c.model.dtype = "bfloat16"
+    c.render.mlp_dtype = "bfloat16"
+    c.render.planes_dtype = "bfloat16"
+  if arg == "demo":
+    c.render.num_views = 40
+    c.render.resolution = 128
+    c.render.fps = 20
+    c.mesh.resolution = 128
+  return c
