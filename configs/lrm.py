@@ -39,13 +39,77 @@ VARIANTS = {
 }
 
 
+# Training recipe per variant: (steps, render_resolution, crop_size, coarse, fine) stages.
+STAGES = {
+    # VFusion3D: 128 -> 384 render resolution, 128 crops once renders exceed it.
+    "vfusion3d": ((40_000, 128, 128, 64, 64), (30_000, 256, 128, 64, 64),
+                  (30_000, 384, 128, 64, 64)),
+    "small": ((20_000, 128, 128, 48, 48), (20_000, 256, 128, 48, 48)),
+    "tiny": ((300, 32, 32, 24, 24), (300, 48, 32, 24, 24)),
+}
+
+
 def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   if arg not in VARIANTS:
     raise ValueError(f"unknown LRM variant {arg!r}; choose one of {sorted(VARIANTS)}")
+  tiny = arg == "tiny"
   config = ml_collections.ConfigDict()
   config.variant = arg
   config.model = _arch() if arg == "vfusion3d" else VARIANTS[arg]
   config.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
   config.attention_impl = ""  # "" (XLA), "xla" or "cudnn"
   config.seed = 0
+  config.num_devices = 0  # 0: all devices, on one "data" mesh axis
+
+  t = config.train = ml_collections.ConfigDict()
+  t.steps = sum(s[0] for s in STAGES[arg])
+  t.stages = STAGES[arg]  # ((steps, render_resolution, crop_size, num_coarse, num_fine), ...)
+  t.batch_size = 4 if tiny else 16  # objects per step, all devices together
+  t.num_views = 4  # supervision views per object
+  t.lr = 1e-3 if tiny else 4e-4
+  t.warmup_steps = 30 if tiny else 3000
+  t.final_lr_fraction = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.weight_decay = 0.05
+  t.grad_clip = 1.0
+  t.frozen = ""  # regex over parameter paths, e.g. "^encoder/" to freeze the image encoder
+  t.fsdp = not tiny  # shard parameters and optimizer state over devices
+  t.remat = not tiny  # rematerialise transformer blocks
+  t.remat_renderer = not tiny  # rematerialise renderer chunks
+  t.render_mode = "clean"  # renderer mode for training (see vf3d_jax.rendering.renderer)
+  t.render_chunk = 4096 if tiny else 32768  # rays per renderer step
+  t.init_from = ""  # checkpoint to fine-tune: our pretrained dir or released safetensors
+  t.log_every = 10 if tiny else 50
+  t.eval_every = 200 if tiny else 2000
+  t.checkpoint_every = 100 if tiny else 1000
+  t.keep_checkpoints = 3
+  t.camera_noise = ml_collections.ConfigDict()
+  t.camera_noise.rotation_deg = 2.0  # std of the random rotation of the source camera
+  t.camera_noise.translation = 0.02  # std of its position noise, world units
+  t.camera_noise.focal = 0.02  # relative std of its focal length
+
+  loss = config.loss = ml_collections.ConfigDict()
+  loss.lpips = 0.0 if tiny else 1.0  # image-level loss (the VFusion3D recipe)
+  loss.lpips_weights = ""  # .npz from tools.convert_lpips, or "random:<seed>" for smoke tests
+  loss.lpips_dtype = "float32"
+  loss.mse = 1.0 if tiny else 0.0  # pixel losses (off in the recipe; the tiny CPU run has no VGG)
+  loss.l1 = 0.0
+  loss.opacity = 0.5  # rendered opacity against the foreground mask
+  loss.opacity_kind = "mse"
+  loss.tv = 0.0  # total variation of the planes
+
+  d = config.data = ml_collections.ConfigDict()
+  # Record shards written by tools.render_orbits: "path[:weight],path[:weight]".
+  d.train = ""
+  d.eval = ""  # held-out shards, scored every train.eval_every steps
+  d.num_workers = 0  # Grain worker processes (0: in the main process)
+  d.background = "white"  # "white" or "random" (colour augmentation)
+  d.strict = False  # bad records: skip with a warning (False) or fail (True)
+
+  e = config.eval = ml_collections.ConfigDict()
+  e.num_objects = 8
+  e.render_resolution = 64 if tiny else 256
+  e.num_coarse = 48 if tiny else 64
+  e.num_fine = 48 if tiny else 64
   return config

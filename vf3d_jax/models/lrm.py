@@ -165,6 +165,7 @@ class TriplaneTransformer(nn.Module):
   arch: LRMArch  # model shape
   dtype: jnp.dtype = jnp.float32  # compute dtype
   attention_impl: str | None = None  # see layers.attention
+  remat: bool = False  # recompute each block in the backward pass (saves activation memory)
 
   @nn.compact
   def __call__(self, context: jax.Array, cond: jax.Array) -> jax.Array:
@@ -174,8 +175,9 @@ class TriplaneTransformer(nn.Module):
     pos_embed = self.param("pos_embed", nn.initializers.normal(a.width ** -0.5),
                            (1, 3 * r * r, a.width))
     x = jnp.broadcast_to(pos_embed, (n,) + pos_embed.shape[1:])
+    block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
     for i in range(a.layers):
-      x = TransformerBlock(a, self.dtype, self.attention_impl, name=f"layers_{i}")(x, context, cond)
+      x = block(a, self.dtype, self.attention_impl, name=f"layers_{i}")(x, context, cond)
     x = layers.layer_norm(a.eps, self.dtype, "norm")(x)
     # Token index = plane * r * r + row * r + col.
     x = x.reshape(n, 3, r, r, a.width)
@@ -212,6 +214,7 @@ class LRM(nn.Module):
   arch: LRMArch = LRMArch()  # model shape
   dtype: jnp.dtype = jnp.float32  # compute dtype (parameters are always float32)
   attention_impl: str | None = None  # see layers.attention
+  remat: bool = False  # rematerialise transformer blocks when differentiating
 
   @nn.compact
   def __call__(self, images: jax.Array, cameras: jax.Array) -> jax.Array:
@@ -220,7 +223,8 @@ class LRM(nn.Module):
       raise ValueError(f"cameras must be [{images.shape[0]}, {a.camera_dim}], got {cameras.shape}")
     tokens = Dinov2Encoder(a.encoder, self.dtype, self.attention_impl, name="encoder")(images)
     cond = CameraEmbedder(a.camera_embed_dim, self.dtype, name="camera_embedder")(cameras)
-    planes = TriplaneTransformer(a, self.dtype, self.attention_impl, name="transformer")(tokens, cond)
+    planes = TriplaneTransformer(a, self.dtype, self.attention_impl, self.remat,
+                                 name="transformer")(tokens, cond)
     if self.is_initializing():
       # The decoder is used by the renderer, not here; create its parameters.
       Synthesizer(a, name="synthesizer")(jnp.zeros((1, 3 * a.triplane_channels), jnp.float32))

@@ -1,0 +1,38 @@
+r"""Trains the LRM with the VFusion3D recipe.
+
+  python -m vf3d_jax.train_lrm --config configs/lrm.py:tiny --workdir workdirs/tiny \
+      --config.data.train=data/procedural/train --config.data.eval=data/procedural/eval
+
+Re-running the same command resumes from the latest checkpoint in --workdir.
+See configs/lrm.py for every setting and vf3d_jax/training/lrm_trainer.py for the loop.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from vf3d_jax.training import lrm_trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "lrm.py:tiny"), "LRM config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here.",
+                               required=True)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  try:
+    lrm_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (lrm_trainer.TrainingDiverged, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training loops and their building blocks (optimisers, sharding, checkpoints, logging)."""

@@ -1,0 +1,477 @@
+"""Training the LRM with the VFusion3D recipe.
+
+``train_and_evaluate(config, workdir)`` is the whole job (``python -m
+vf3d_jax.train_lrm`` parses flags and calls it). Per step, for a batch of
+objects: the model turns the source image and the (noise-injected) source
+camera into triplanes; the renderer renders a crop of each supervision view
+(split over devices with ``shard_map``); the loss compares the crops with the
+target pixels (LPIPS and/or MSE/L1), the rendered opacity with the foreground
+mask, and optionally regularises the planes (TV).
+
+The recipe lives in the config:
+
+* ``train.stages``: ``((steps, render_resolution, crop_size, num_coarse,
+  num_fine), ...)``, e.g. 128 -> 256 -> 384 renders with 128 crops; the job
+  moves to the next stage at its step without restarting (one compiled step
+  per stage, a data iterator per stage).
+* ``train.camera_noise``: rotation/translation/focal scales of the noise added
+  to the source camera (zero disables it).
+* ``data.train``: datasets and their mixing weights; ``train.init_from`` starts
+  from a checkpoint (ours or the released weights) for fine-tuning.
+
+Checkpoints (Orbax, in ``workdir/checkpoints``) hold the train state, the data
+iterator's state and the stage; the job resumes from the latest one, saves
+every ``train.checkpoint_every`` steps and when it receives SIGTERM, and stops
+with a clear message when the loss stops being finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
+
+from vf3d_jax import pretrained
+from vf3d_jax.evaluation import metrics as metrics_lib
+from vf3d_jax.losses import image_losses
+from vf3d_jax.losses import lpips as lpips_lib
+from vf3d_jax.models.lrm import LRM, LRMArch, count_params, init_params
+from vf3d_jax.rendering import cameras
+from vf3d_jax.rendering import renderer
+from vf3d_jax.training import camera_noise
+from vf3d_jax.training import optim
+from vf3d_jax.training import sharding
+from vf3d_jax.training.metric_writer import MetricWriter
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the gradients stopped being finite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One phase of multi-stage training."""
+
+  index: int
+  start: int  # first step of the stage
+  end: int  # one past its last step
+  render_resolution: int
+  crop_size: int
+  num_coarse: int
+  num_fine: int
+
+
+def parse_stages(stages, total_steps: int) -> list[Stage]:
+  """``((steps, resolution, crop, coarse, fine), ...)`` -> consecutive :class:`Stage`s.
+
+  The last stage runs until ``total_steps`` whatever its own step count.
+  """
+  out, start = [], 0
+  for index, spec in enumerate(stages):
+    if len(spec) != 5:
+      raise ValueError(f"train.stages[{index}] must be (steps, render_resolution, crop_size, "
+                       f"num_coarse, num_fine), got {spec}")
+    steps, res, crop, coarse, fine = (int(v) for v in spec)
+    if crop > res:
+      raise ValueError(f"train.stages[{index}]: crop_size {crop} > render_resolution {res}")
+    end = total_steps if index == len(stages) - 1 else min(start + steps, total_steps)
+    out.append(Stage(index, start, end, res, crop, coarse, fine))
+    start = end
+  if not out:
+    raise ValueError("train.stages is empty")
+  return out
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+  for stage in stages:
+    if step < stage.end:
+      return stage
+  return stages[-1]
+
+
+def load_lpips(config) -> Any:
+  """LPIPS parameters from ``loss.lpips_weights`` (an ``.npz``) or ``"random:<seed>"``.
+
+  Random VGG weights only make sense for smoke tests; real training needs the
+  converted VGG16 + v0.1 heads (``python -m tools.convert_lpips``).
+  """
+  if config.loss.lpips <= 0:
+    return None
+  source = config.loss.lpips_weights
+  if not source:
+    raise ValueError("loss.lpips > 0 needs loss.lpips_weights: an .npz made by "
+                     "`python -m tools.convert_lpips`, or 'random:<seed>' for smoke tests")
+  if source.startswith("random:"):
+    model = lpips_lib.LPIPS()
+    return model.init(jax.random.key(int(source.split(":")[1])),
+                      jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32, 3)))["params"]
+  return lpips_lib.load_lpips_params(source)
+
+
+def render_supervision(decoder_params, planes, batch, key, stage: Stage,
+                       options: renderer.RenderOptions, mesh):
+  """Renders each object's supervision crops, objects split over the mesh's data axis.
+
+  Args:
+    decoder_params: the field decoder's parameters (replicated).
+    planes: ``[B, 3, H, W, C]``.
+    batch: ``render_c2w [B, N, 4, 4]``, ``render_intrinsics [B, N, 4]``,
+      ``crop [B, N, 3]`` (start_x, start_y, size) in the stage's resolution.
+    key: PRNG key; object ``i`` draws from ``fold_in(key, i)`` whatever the sharding.
+    stage: the current stage (static sizes).
+    options: renderer options (background black: the caller composites).
+    mesh: the device mesh.
+
+  Returns:
+    ``(rgb [B, N, S, S, 3], opacity [B, N, S, S])`` with ``S = crop_size``.
+  """
+  size = stage.crop_size
+
+  def local(decoder_params, planes, c2w, intrinsics, crops, key):
+    first = jax.lax.axis_index(sharding.DATA_AXIS) * planes.shape[0]
+
+    def one_object(index, planes, c2w, intrinsics, crops):
+      def view_rays(c, k, crop):
+        return cameras.generate_rays(c, k, stage.render_resolution, (crop[0], crop[1], size))
+
+      origins, directions = jax.vmap(view_rays)(c2w, intrinsics, crops)
+      out = renderer.render_rays(decoder_params, planes, origins.reshape(-1, 3),
+                                 directions.reshape(-1, 3), key=jax.random.fold_in(key, index),
+                                 options=options)
+      n = c2w.shape[0]
+      return out["rgb"].reshape(n, size, size, 3), out["opacity"].reshape(n, size, size)
+
+    indices = first + jnp.arange(planes.shape[0])
+    return jax.vmap(one_object)(indices, planes, c2w, intrinsics, crops)
+
+  data = P(sharding.DATA_AXIS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), data, data, data, data, P()),
+                       out_specs=(data, data))(
+                           decoder_params, planes, batch["render_c2w"],
+                           batch["render_intrinsics"], batch["crop"], key)
+
+
+def compute_losses(params, batch, key, *, model: LRM, stage: Stage, config, lpips_params, mesh):
+  """Total loss and its terms for one batch."""
+  k_camera, k_render = jax.random.split(key)
+  source_camera = batch["source_camera"]
+  noise = config.train.camera_noise
+  if noise.rotation_deg or noise.translation or noise.focal:
+    source_camera = camera_noise.perturb_cameras(k_camera, source_camera, noise.rotation_deg,
+                                                 noise.translation, noise.focal)
+  planes = model.apply({"params": params}, batch["source_image"], source_camera)
+  options = renderer.RenderOptions(
+      num_coarse=stage.num_coarse, num_fine=stage.num_fine, mode=config.train.render_mode,
+      background=(0.0, 0.0, 0.0), chunk_size=config.train.render_chunk,
+      mlp_dtype=config.dtype, remat=config.train.remat_renderer)
+  rgb, opacity = render_supervision(params["synthesizer"]["decoder"], planes, batch, k_render,
+                                    stage, options, mesh)
+  background = batch["render_background"][:, :, None, None, :]
+  rgb = rgb + background * (1.0 - opacity[..., None])
+  target = batch["render_rgb"]
+  w = config.loss
+  terms = {}
+  if w.lpips > 0:
+    s = stage.crop_size
+    terms["lpips"] = image_losses.lpips_loss(lpips_params, rgb.reshape(-1, s, s, 3),
+                                             target.reshape(-1, s, s, 3), normalize=True,
+                                             dtype=jnp.dtype(w.lpips_dtype))
+  if w.mse > 0:
+    terms["mse"] = image_losses.mse_loss(rgb, target)
+  if w.l1 > 0:
+    terms["l1"] = image_losses.l1_loss(rgb, target)
+  if w.opacity > 0:
+    terms["opacity"] = image_losses.opacity_loss(opacity, batch["render_mask"], kind=w.opacity_kind)
+  if w.tv > 0:
+    terms["tv"] = image_losses.total_variation_loss(planes)
+  total = sum(getattr(w, name) * value for name, value in terms.items())
+  terms["psnr"] = jnp.mean(metrics_lib.psnr(jax.lax.stop_gradient(rgb), target))
+  return total, terms
+
+
+def train_step(state: TrainState, batch, base_key, *, optimizer, schedule, loss_fn):
+  """One optimisation step; returns the new state and its metrics."""
+  key = jax.random.fold_in(base_key, state.step)
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, **{f"loss/{k}" if k != "psnr" else "train_psnr": v
+                              for k, v in terms.items()},
+             "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+             "update_norm": optax.global_norm(updates), "lr": schedule(state.step)}
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+class Checkpointer:
+  """Orbax manager over the train state, the data iterator state and the stage."""
+
+  def __init__(self, workdir: str, config):
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
+                                           create=True, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state, iterator):
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+    return restored["state"]
+
+  def save(self, step: int, state, iterator, meta: dict, force: bool = False) -> bool:
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
+        meta=ocp.args.JsonSave(meta)))
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, no preemption saves
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_params(config, arch: LRMArch, rng):
+  if not config.train.init_from:
+    return init_params(arch, rng)
+  source = config.train.init_from
+  if os.path.isdir(os.path.join(source, "checkpoints")):  # a training workdir
+    raise ValueError(f"train.init_from={source} is a training workdir; export its params with "
+                     "vf3d_jax.pretrained.save_pretrained or point at its pretrained dir")
+  loaded_arch, params = pretrained.load_lrm(source)
+  if loaded_arch != arch:
+    raise ValueError(f"train.init_from architecture {loaded_arch} differs from model {arch}")
+  return params
+
+
+def model_from_config(config) -> tuple[LRMArch, LRM]:
+  arch = LRMArch.from_dict(config.model.to_dict())
+  return arch, LRM(arch, dtype=jnp.dtype(config.dtype),
+                   attention_impl=config.attention_impl or None, remat=config.train.remat)
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Trains (or resumes training) in ``workdir``; returns the final state."""
+  from vf3d_jax.data import loader as data_loader  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.num_devices or None)
+  devices = mesh.shape[sharding.DATA_AXIS]
+  if config.train.batch_size % devices:
+    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                     f"{devices} devices")
+  arch, model = model_from_config(config)
+  stages = parse_stages(config.train.stages, config.train.steps)
+  optimizer, schedule = optim.make_optimizer(config.train, jax.eval_shape(
+      lambda: init_params(arch, jax.random.key(0))))
+
+  def init_state(rng):
+    params = _initial_params(config, arch, rng)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  # Shape-first: shardings from the abstract state, then materialise in place.
+  abstract = jax.eval_shape(lambda: TrainState(
+      jnp.zeros((), jnp.int32), init_params(arch, jax.random.key(0)),
+      optimizer.init(init_params(arch, jax.random.key(0)))))
+  state_sharding = sharding.tree_shardings(mesh, abstract, config.train.fsdp)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract, state_sharding)
+  lpips_params = load_lpips(config)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  checkpointer = Checkpointer(workdir, config)
+  base_key = jax.random.key(config.seed)
+
+  def make_iterator(stage: Stage):
+    return data_loader.make_train_iterator(
+        config.data, batch_size=config.train.batch_size // jax.process_count(),
+        num_views=config.train.num_views, input_size=arch.input_size,
+        render_resolution=stage.render_resolution, crop_size=stage.crop_size,
+        seed=config.seed + 1000 * stage.index, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    meta = checkpointer.meta(latest)
+    stage = stages[meta["stage"]]
+    iterator = make_iterator(stage)
+    state = checkpointer.restore(latest, abstract, iterator)
+    if stage_at(stages, int(state.step)) != stage:  # saved exactly at a stage's end
+      stage = stage_at(stages, int(state.step))
+      iterator = make_iterator(stage)
+    logging.info("resumed from step %d (stage %d)", int(state.step), stage.index)
+  else:
+    if config.train.init_from:
+      params = _initial_params(config, arch, None)
+      state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+                      out_shardings=state_sharding)(params)
+    else:
+      state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+    stage = stage_at(stages, 0)
+    iterator = make_iterator(stage)
+  logging.info("model: %s parameters, %d devices, fsdp=%s", f"{count_params(state.params):,}",
+               devices, config.train.fsdp)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  compiled = {}
+
+  def step_fn(stage: Stage):
+    if stage.index not in compiled:
+      loss_fn = functools.partial(compute_losses, model=model, stage=stage, config=config,
+                                  lpips_params=lpips_params, mesh=mesh)
+      compiled[stage.index] = jax.jit(
+          functools.partial(train_step, optimizer=optimizer, schedule=schedule, loss_fn=loss_fn),
+          in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
+          out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    return compiled[stage.index]
+
+  eval_fn = Evaluator(config, model, mesh, lpips_params, writer) if config.data.eval else None
+  step = int(state.step)
+  if eval_fn is not None and step == 0:
+    eval_fn(state.params, step)
+  meta = lambda: {"stage": stage.index, "step": step}
+  last_log, last_log_step = time.perf_counter(), step
+  with _Preemption() as preemption:
+    while step < config.train.steps:
+      new_stage = stage_at(stages, step)
+      if new_stage != stage:
+        logging.info("stage %d -> %d at step %d: render %d, crop %d", stage.index,
+                     new_stage.index, step, new_stage.render_resolution, new_stage.crop_size)
+        stage, iterator = new_stage, make_iterator(new_stage)
+      batch = sharding.global_batch(mesh, next(iterator))
+      state, metrics = step_fn(stage)(state, batch, base_key)
+      step += 1
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        metrics = jax.device_get(metrics)
+        if not all(np.isfinite(v) for v in metrics.values()):
+          bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+          raise TrainingDiverged(f"non-finite values at step {step}: {bad}; lower train.lr, "
+                                 "raise train.warmup_steps or check the data")
+        now = time.perf_counter()
+        metrics["objects_per_s"] = (step - last_log_step) * config.train.batch_size / (now - last_log)
+        metrics["stage"] = stage.index
+        last_log, last_log_step = now, step
+        writer.write_scalars(step, metrics)
+        logging.info("step %d: %s", step, ", ".join(f"{k}={float(v):.4g}"
+                                                     for k, v in sorted(metrics.items())))
+      if eval_fn is not None and step % config.train.eval_every == 0:
+        eval_fn(state.params, step)
+      if (step % config.train.checkpoint_every == 0 or step == config.train.steps
+          or preemption.requested):
+        checkpointer.save(step, state, iterator, meta(), force=True)
+      if preemption.requested:
+        logging.warning("SIGTERM: saved step %d, exiting", step)
+        break
+  checkpointer.close()
+  writer.close()
+  return state
+
+
+class Evaluator:
+  """Renders held-out objects from their supervision cameras and scores them.
+
+  Metrics (PSNR, SSIM and, with LPIPS weights, LPIPS) are means over the
+  held-out views; a grid of source | targets | renders of the first objects
+  is written to ``workdir/images`` for a person to look at.
+  """
+
+  def __init__(self, config, model: LRM, mesh, lpips_params, writer: MetricWriter):
+    from vf3d_jax.data import loader as data_loader  # pylint: disable=g-import-not-at-top
+
+    self.config, self.model, self.writer = config, model, writer
+    self.lpips_params = lpips_params
+    res = config.eval.render_resolution
+    self.batches = data_loader.make_eval_batches(
+        config.data, num_objects=config.eval.num_objects, num_views=config.train.num_views,
+        input_size=model.arch.input_size, render_resolution=res)
+    options = renderer.RenderOptions(num_coarse=config.eval.num_coarse,
+                                     num_fine=config.eval.num_fine, mode=config.train.render_mode,
+                                     chunk_size=config.train.render_chunk)
+
+    @jax.jit
+    def render(params, batch):
+      planes = model.apply({"params": params}, batch["source_image"], batch["source_camera"])
+      decoder = params["synthesizer"]["decoder"]
+      render_one = lambda p, c, k: renderer.render_views(
+          decoder, p, c, k, res, options=dataclasses.replace(options, background=(0., 0., 0.)))
+      out = jax.vmap(render_one)(planes, batch["render_c2w"], batch["render_intrinsics"])
+      bg = batch["render_background"][:, :, None, None, :]
+      return out["rgb"] + bg * (1 - out["opacity"][..., None])
+
+    self._render = render
+
+  def __call__(self, params, step: int) -> dict[str, float]:
+    scores, grids = {"psnr": [], "ssim": [], "lpips": []}, []
+    for batch in self.batches:
+      pred = np.asarray(self._render(params, batch))
+      target = batch["render_rgb"]
+      found = metrics_lib.image_metrics(jnp.asarray(pred), jnp.asarray(target), self.lpips_params)
+      for name, value in found.items():
+        scores[name].extend(np.asarray(value).reshape(-1).tolist())
+      if len(grids) < 4:
+        for i in range(min(len(pred), 4 - len(grids))):
+          src = _resize_nearest(batch["source_image"][i], target.shape[2])
+          grids.append(np.concatenate([
+              np.concatenate([src] + list(target[i]), axis=1),
+              np.concatenate([np.ones_like(src)] + list(pred[i]), axis=1)], axis=0))
+    result = {f"eval/{k}": float(np.mean(v)) for k, v in scores.items() if v}
+    self.writer.write_scalars(step, result)
+    if grids:
+      self.writer.write_images(step, {"eval": np.concatenate(grids, axis=0)})
+    logging.info("eval at step %d: %s", step, result)
+    return result
+
+
+def _resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
+  idx = (np.arange(size) * image.shape[0] / size).astype(int)
+  return image[idx][:, idx]
