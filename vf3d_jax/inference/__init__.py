@@ -1,0 +1,7 @@
+"""Single-image reconstruction: input preparation and mesh extraction."""
+
+from vf3d_jax.inference.mesh import (EmptyMeshError, Mesh, density_grid, export_mesh,
+                                     extract_mesh, field_query_fn, mesh_from_grid)
+from vf3d_jax.inference.preprocess import (EmptyForegroundError, ImageLoadError, load_image,
+                                           preprocess_image, register_matting,
+                                           remove_background, to_rgba)
