@@ -1,0 +1,155 @@
+"""The inference job end to end on a tiny checkpoint in the released key layout."""
+
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+import trimesh
+
+from configs import infer as infer_configs
+from configs import lrm as lrm_configs
+from vf3d_jax import infer
+from vf3d_jax.models import lrm
+from vf3d_jax.weights import vfusion3d
+from vf3d_jax.weights.state_dict import write_safetensors
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = lrm.LRMArch.from_dict(lrm_configs.get_config("tiny").model.to_dict())
+
+
+def _tiny_params():
+  """A model whose output is a solid cube, whatever the image.
+
+  The upsampler emits constant planes (channel 0 = 1). Inside the box the three
+  sampled channel-0 values sum to 3; on the box faces grid_sample's zero
+  padding halves two of them (sum 2). The decoder maps that sum s to a raw
+  density 4 s - 8: softplus(3) ~ 3.05 inside, softplus(-1) ~ 0.31 on the faces,
+  so the density-1 surface is a cube just inside [-1, 1]^3, with a fixed colour.
+  """
+  params = lrm.init_params(TINY, jax.random.key(0))
+  deconv = params["transformer"]["deconv"]
+  deconv["kernel"] = jnp.zeros_like(deconv["kernel"])
+  deconv["bias"] = jnp.zeros_like(deconv["bias"]).at[0].set(1.0)
+  c = TINY.triplane_channels
+  dec = params["synthesizer"]["decoder"]
+  first = jnp.zeros_like(dec["net_0"]["kernel"])
+  dec["net_0"] = {"kernel": first.at[jnp.array([0, c, 2 * c]), 0].set(1.0),
+                  "bias": jnp.zeros_like(dec["net_0"]["bias"])}
+  for name in ("net_2", "net_4"):
+    dec[name] = {"kernel": jnp.zeros_like(dec[name]["kernel"]).at[0, 0].set(1.0),
+                 "bias": jnp.zeros_like(dec[name]["bias"])}
+  dec["net_6"] = {"kernel": jnp.zeros_like(dec["net_6"]["kernel"]).at[0, 0].set(4.0),
+                  "bias": jnp.asarray([-8.0, 2.0, -2.0, 0.0])}
+  return params
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+  root = tmp_path_factory.mktemp("infer")
+  ckpt = root / "model.safetensors"
+  vfusion3d.save_checkpoint_file(ckpt, TINY, _tiny_params())
+  images = root / "images"
+  images.mkdir()
+  rgba = np.zeros((90, 70, 4), np.uint8)
+  yy, xx = np.mgrid[:90, :70]
+  rgba[((yy - 45) ** 2 + (xx - 35) ** 2) < 25 ** 2] = (40, 160, 90, 255)
+  Image.fromarray(rgba).save(images / "disc.png")
+  rgb = np.full((60, 80, 3), 250, np.uint8)
+  rgb[15:45, 25:55] = (200, 30, 30)
+  Image.fromarray(rgb).save(images / "square.jpg", quality=95)
+  (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  return root, ckpt, images
+
+
+def _config(**render):
+  config = infer_configs.get_config("demo")
+  config.render.num_views = 4
+  config.render.resolution = 24
+  config.render.num_coarse = 16
+  config.render.num_fine = 16
+  config.render.views_per_call = 2
+  config.mesh.resolution = 24
+  for k, v in render.items():
+    setattr(config.render, k, v)
+  return config
+
+
+def test_folder_with_a_bad_image(workspace):
+  root, ckpt, images = workspace
+  out = root / "out"
+  results = infer.run(_config(), str(ckpt), str(images), str(out), deterministic=True,
+                      save_arrays=True, progress=False)
+  assert "error" in results[str(images / "broken.png")]
+  for name in ("disc", "square"):
+    folder = out / name
+    files = sorted(os.listdir(folder))
+    assert files == ["frames.npy", "input.png", "mesh.obj", "planes.npy", "turntable.mp4"], files
+    planes = np.load(folder / "planes.npy")
+    assert planes.shape == (3, TINY.triplane_channels, TINY.plane_res, TINY.plane_res)
+    frames = np.load(folder / "frames.npy")
+    assert frames.shape == (4, 24, 24, 3) and frames.dtype == np.float32
+    video = np.stack(imageio.mimread(folder / "turntable.mp4"))
+    assert video.shape[:3] == (4, 24, 24)
+    # The solid box renders its colour, not the white background, at the centre.
+    assert np.abs(frames[:, 12, 12] - frames[0, 12, 12]).max() < 1e-5
+    assert frames[0, 12, 12].mean() < 0.9
+    mesh = trimesh.load(folder / "mesh.obj", process=False)
+    # The cube's surface: between the last two grid layers, ~0.978 for this field.
+    np.testing.assert_allclose(np.abs(mesh.bounds), 0.978, atol=0.02)
+    colors = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(int)
+    np.testing.assert_allclose(colors, np.broadcast_to([225, 30, 128], colors.shape), atol=1)
+  assert not (out / "broken").exists()
+  assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp" in f]
+
+
+def test_deterministic_runs_repeat_and_random_runs_differ(workspace):
+  root, ckpt, images = workspace
+  image = str(images / "disc.png")
+  run = lambda out, det, seed=0: np.load(os.path.join(out, "disc", "frames.npy")) if infer.run(
+      _config(), str(ckpt), image, out, deterministic=det, save_arrays=True,
+      progress=False) else None
+  a = run(str(root / "d1"), True)
+  b = run(str(root / "d2"), True)
+  c = run(str(root / "r1"), False)
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 0
+
+
+def test_cli_reports_bad_checkpoint_in_one_line(workspace, tmp_path):
+  _, _, images = workspace
+  bad = tmp_path / "notes.txt"
+  bad.write_text("hello")
+  result = subprocess.run(
+      [sys.executable, "-m", "vf3d_jax.infer", "--checkpoint", str(bad), "--image", str(images),
+       "--output", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error:")
+  assert "not a safetensors file" in result.stderr
+  missing = subprocess.run(
+      [sys.executable, "-m", "vf3d_jax.infer", "--checkpoint", str(bad), "--image",
+       str(tmp_path / "nope.png")], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 2
+
+
+def test_cli_end_to_end_with_overrides(workspace, tmp_path):
+  _, ckpt, images = workspace
+  out = tmp_path / "cli"
+  result = subprocess.run(
+      [sys.executable, "-m", "vf3d_jax.infer", "--config", "configs/infer.py:demo",
+       "--config.render.num_views=3", "--config.render.resolution=16",
+       "--config.render.format=gif", "--config.mesh.resolution=16", "--config.mesh.format=ply",
+       "--checkpoint", str(ckpt), "--image", str(images / "disc.png"), "--output", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "preprocess" in result.stdout and "total" in result.stdout
+  assert sorted(os.listdir(out / "disc")) == ["input.png", "mesh.ply", "turntable.gif"]
+  typo = subprocess.run(
+      [sys.executable, "-m", "vf3d_jax.infer", "--config.render.num_veiws=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert typo.returncode != 0 and "num_veiws" in typo.stderr
