@@ -14,7 +14,7 @@ import trimesh
 
 from configs import infer as infer_configs
 from configs import lrm as lrm_configs
-from vf3d_jax import infer
+from vf3d_jax.inference import pipeline as infer
 from vf3d_jax.models import lrm
 from vf3d_jax.weights import vfusion3d
 from vf3d_jax.weights.state_dict import write_safetensors

@@ -1,0 +1,247 @@
+r"""The single image -> triplanes -> turntable video and textured mesh pipeline.
+
+``python -m vf3d_jax.infer`` is the command-line front of this module:
+
+  python -m vf3d_jax.infer --checkpoint model.safetensors --image photo.png --output out/
+  python -m vf3d_jax.infer --checkpoint ckpt_dir --image photos/ --output out/ \
+      --config configs/infer.py:fast --config.mesh.format=glb
+
+Without ``--checkpoint`` it uses the embedded tiny demo model, without
+``--image`` the example images, both shipped in ``examples/``; ``make demo``
+runs exactly that with ``--config configs/infer.py:demo`` (CPU-sized outputs).
+
+For each image ``out/<image name>/`` receives ``input.png`` (the preprocessed
+model input), ``turntable.mp4`` (or ``.gif``), ``mesh.obj`` (or ``.glb`` /
+``.ply``) and, with ``--save_arrays``, ``planes.npy`` ``[3, C, H, W]`` and
+``frames.npy`` ``[views, H, W, 3]`` float32. Every file is written under a
+temporary name and renamed, so an interrupted run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import tqdm
+
+from vf3d_jax import pretrained
+from vf3d_jax.inference import mesh as mesh_lib
+from vf3d_jax.inference import preprocess
+from vf3d_jax.models.lrm import LRM, LRMArch
+from vf3d_jax.rendering import cameras
+from vf3d_jax.rendering import renderer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_CHECKPOINT = os.path.join(REPO, "examples", "lrm_tiny.safetensors")
+DEMO_IMAGES = os.path.join(REPO, "examples", "images")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+@dataclasses.dataclass
+class Reconstruction:
+  """What one image produced."""
+
+  image: np.ndarray  # [S, S, 3] float32 model input
+  planes: np.ndarray  # [3, H, W, C] float32
+  frames: np.ndarray | None  # [views, R, R, 3] float32 in [0, 1]
+  mesh: mesh_lib.Mesh | None
+  mesh_error: str | None  # why there is no mesh (e.g. an empty surface)
+  seconds: dict[str, float]
+
+
+class Reconstructor:
+  """Compiled image -> planes -> video/mesh functions of one model and config."""
+
+  def __init__(self, arch: LRMArch, params, config):
+    self.arch, self.params, self.config = arch, params, config
+    model = LRM(arch, dtype=jnp.dtype(config.model.dtype),
+                attention_impl=config.model.attention_impl or None)
+    self._planes = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c))
+    r = config.render
+    self.render_options = renderer.RenderOptions(
+        num_coarse=r.num_coarse, num_fine=r.num_fine, mode=r.mode, chunk_size=r.chunk_size,
+        mlp_dtype=r.mlp_dtype, planes_dtype=r.planes_dtype or None)
+    self._render = jax.jit(renderer.render_views, static_argnames=("resolution", "options"))
+    self.decoder_params = params["synthesizer"]["decoder"]
+
+  def planes(self, image: np.ndarray) -> jax.Array:
+    """``[S, S, 3]`` -> ``[3, H, W, C]``, conditioned on the default source camera."""
+    camera = jnp.asarray(cameras.DEFAULT_SOURCE_CAMERA)[None]
+    return self._planes(self.params, jnp.asarray(image)[None], camera)[0]
+
+  def turntable_cameras(self, key: jax.Array | None):
+    """``([V, 4, 4], [V, 4])``: the orbit, its angle offset ~ U(0, 1 degree) unless deterministic."""
+    r = self.config.render
+    offset = 0.0 if key is None else jax.random.uniform(key, (), maxval=np.pi / 180)
+    c2w = cameras.orbit_cameras(r.num_views, r.radius, np.radians(r.elevation_deg), offset)
+    intrinsics = jnp.broadcast_to(jnp.asarray(cameras.DEFAULT_INTRINSICS), (r.num_views, 4))
+    return c2w, intrinsics
+
+  def turntable(self, planes: jax.Array, key: jax.Array | None, progress: bool = True):
+    """``[V, R, R, 3]`` float32 frames; views rendered ``views_per_call`` at a time."""
+    r = self.config.render
+    camera_key, noise_key = (None, None) if key is None else jax.random.split(key)
+    c2w, intrinsics = self.turntable_cameras(camera_key)
+    frames = []
+    step = max(1, r.views_per_call)
+    for i in tqdm.trange(0, r.num_views, step, desc="turntable", unit="call",
+                         disable=not progress, leave=False):
+      # Each call gets its own key so views of different calls draw different samples.
+      call_key = None if noise_key is None else jax.random.fold_in(noise_key, i)
+      out = self._render(self.decoder_params, planes, c2w[i:i + step], intrinsics[i:i + step],
+                         resolution=r.resolution, key=call_key, options=self.render_options)
+      frames.append(np.asarray(out["rgb"]))
+    return np.clip(np.concatenate(frames), 0.0, 1.0)
+
+  def mesh(self, planes: jax.Array) -> mesh_lib.Mesh:
+    m = self.config.mesh
+    query = mesh_lib.field_query_fn(self.params, planes)
+    return mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk)
+
+  def __call__(self, image_path, key: jax.Array | None, progress: bool = True) -> Reconstruction:
+    seconds = {}
+    start = time.perf_counter()
+    image, _ = preprocess.preprocess_image(
+        image_path, size=self.arch.input_size,
+        foreground_ratio=self.config.preprocess.foreground_ratio,
+        matting_fn=self.config.preprocess.matting)
+    seconds["preprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    planes = jax.block_until_ready(self.planes(image))
+    seconds["planes"] = time.perf_counter() - start
+
+    frames = None
+    if self.config.render.enabled:
+      start = time.perf_counter()
+      frames = self.turntable(planes, key, progress)
+      seconds["video"] = time.perf_counter() - start
+
+    mesh, mesh_error = None, None
+    if self.config.mesh.enabled:
+      start = time.perf_counter()
+      try:
+        mesh = self.mesh(planes)
+      except mesh_lib.EmptyMeshError as e:
+        mesh_error = str(e)
+      seconds["mesh"] = time.perf_counter() - start
+    return Reconstruction(image, np.asarray(planes), frames, mesh, mesh_error, seconds)
+
+
+def _atomic(path: str, write) -> str:
+  """Calls ``write(temp_path)`` then renames the result to ``path``."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp-{os.getpid()}{ext}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def write_video(frames: np.ndarray, path: str, fps: int) -> str:
+  """Writes ``[V, H, W, 3]`` float frames in [0, 1] as mp4 or gif (by extension)."""
+  import imageio.v2 as imageio  # pylint: disable=g-import-not-at-top
+
+  data = (np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)  # truncation, as upstream
+
+  def write(tmp):
+    warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+    if path.endswith(".gif"):
+      imageio.mimsave(tmp, list(data), duration=1000 / fps, loop=0)
+    else:
+      imageio.mimsave(tmp, list(data), fps=fps, codec="libx264", quality=8,
+                      macro_block_size=1, ffmpeg_log_level="error")
+
+  return _atomic(path, write)
+
+
+def save_reconstruction(result: Reconstruction, folder: str, config,
+                        save_arrays: bool) -> list[str]:
+  """Writes one image's outputs into ``folder``; returns the paths written."""
+  os.makedirs(folder, exist_ok=True)
+  written = [_atomic(os.path.join(folder, "input.png"), lambda p: Image.fromarray(
+      (np.clip(result.image, 0, 1) * 255).round().astype(np.uint8)).save(p))]
+  if result.frames is not None:
+    written.append(write_video(result.frames, os.path.join(folder, f"turntable.{config.render.format}"),
+                               config.render.fps))
+  if result.mesh is not None:
+    written.append(mesh_lib.export_mesh(result.mesh, os.path.join(folder, f"mesh.{config.mesh.format}")))
+  if save_arrays:
+    # The one NCHW boundary: planes.npy is [3, C, H, W] like the PyTorch model's.
+    planes = result.planes.transpose(0, 3, 1, 2)
+    written.append(_atomic(os.path.join(folder, "planes.npy"), lambda p: np.save(p, planes)))
+    if result.frames is not None:
+      written.append(_atomic(os.path.join(folder, "frames.npy"),
+                             lambda p: np.save(p, result.frames.astype(np.float32))))
+  return written
+
+
+def list_images(path: str) -> list[str]:
+  """An image file, or the image files of a folder (sorted)."""
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    if not files:
+      raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    return files
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file or folder")
+  return [path]
+
+
+def _validate(config) -> None:
+  if config.render.format not in ("mp4", "gif"):
+    raise ValueError(f"render.format must be mp4 or gif, got {config.render.format!r}")
+  if config.mesh.format not in ("obj", "glb", "ply"):
+    raise ValueError(f"mesh.format must be obj, glb or ply, got {config.mesh.format!r}")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+
+
+def run(config, checkpoint: str, image: str, output: str, deterministic: bool = False,
+        save_arrays: bool = False, progress: bool = True) -> dict[str, Any]:
+  """Reconstructs every image; returns ``{image path: outputs or error}``.
+
+  Raises:
+    CheckpointError, FileNotFoundError, ValueError: before any image is processed.
+  """
+  _validate(config)
+  arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)
+  images = list_images(image)
+  reconstructor = Reconstructor(arch, params, config)
+  key = jax.random.key(config.seed)
+  results = {}
+  for index, path in enumerate(images):
+    name = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.join(output, name)
+    try:
+      image_key = None if deterministic else jax.random.fold_in(key, index)
+      result = reconstructor(path, image_key, progress)
+      written = save_reconstruction(result, folder, config, save_arrays)
+    except (preprocess.ImageLoadError, preprocess.EmptyForegroundError, ValueError,
+            OSError) as e:
+      print(f"{path}: error: {e}", file=sys.stderr)
+      results[path] = {"error": str(e)}
+      continue
+    t = result.seconds
+    parts = [f"{stage} {t[stage]:.2f} s" for stage in ("preprocess", "planes", "video", "mesh")
+             if stage in t]
+    if result.mesh is not None:
+      parts[-1] += f" ({len(result.mesh.vertices):,} vertices)"
+    elif result.mesh_error:
+      parts[-1] += " (empty surface: no mesh written)"
+    print(f"{path} -> {folder}: " + ", ".join(parts) + f"; total {sum(t.values()):.2f} s")
+    results[path] = {"folder": folder, "files": written, "seconds": t,
+                     "mesh_error": result.mesh_error}
+  return results
