@@ -1,0 +1,448 @@
+"""Differentiable importance rendering of one triplane.
+
+The released renderer (EG3D's, as modified by OpenLRM; spec/LRM.md section 5)
+for each ray: intersects the box, takes stratified coarse samples, composites
+them, draws fine samples from the smoothed coarse weights, and composites the
+merged, sorted samples. The maths lives in :mod:`vf3d_jax.rendering.volume`;
+this module adds the per-view bookkeeping, randomness, chunking and sharding.
+
+Per-view quantities. The released renderer computes two things over all the
+rays of one call: the range given to rays that miss the box and the range the
+expected depth is clamped to. The upstream inference renders one view per call,
+so here both are computed **per view** (per call of :func:`render_rays`),
+whatever the chunking or sharding; sharded rendering reduces them across
+devices, so it equals the unsharded result.
+
+Modes (``RenderOptions.mode``):
+
+* ``"compatible"``: as released. A ray that misses the box samples
+  ``[min start, max start]`` of the view's hitting rays (``end`` is the
+  maximum of the *starts*), or ``[-1, -2]`` when no ray of the view hits; every
+  depth is clamped to the minimum and maximum sample depth of the whole view,
+  so an empty ray reads the view's farthest sample; a ray starts at the box
+  entry even when that is behind the camera. A crop's depths can therefore
+  differ from the same pixels of the full image.
+* ``"clean"``: every ray is rendered on its own, with no per-view quantity, so
+  crops, chunks and shards never change a pixel. Samples start at
+  ``max(t_near, 0)`` and a ray hits only if the box is (partly) in front of the
+  camera; a missed ray samples ``[0, 0]``; each depth is clamped to the ray's
+  own ``[start, end]``, so an empty ray reads its box exit and a missed ray 0.
+  Colours and opacities are those of the compatible mode for cameras outside
+  the box.
+
+Both modes composite missed rays with opacity 0 (all their samples are
+outside the box) and colour ``background``.
+
+Randomness is an input. ``noise=RenderNoise(jitter, uniforms)`` gives the
+arrays; ``key=`` draws them per ray from ``fold_in(fold_in(key, view),
+pixel)`` inside the chunk that uses them (so memory does not grow with the
+number of views, and a crop, a chunking or a sharding draws the same numbers
+as the full render); neither gives the deterministic mode (jitter 0, uniforms
+``linspace(0, 1, num_fine)``). :func:`draw_noise` materialises the key's
+numbers.
+
+Functions here are not jitted themselves: jit them with ``options``,
+``resolution`` and ``crop`` static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from vf3d_jax.models import triplane
+from vf3d_jax.rendering import cameras
+from vf3d_jax.rendering import volume
+
+MODES = ("compatible", "clean")
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderOptions:
+  """How to render; hashable, so it can be a static jit argument."""
+
+  num_coarse: int = 64  # stratified samples a ray
+  num_fine: int = 64  # importance samples a ray (0: composite the coarse ones)
+  mode: str = "compatible"  # "compatible" (released quirks) or "clean"
+  box_size: float = 2.0  # side of the cube [-box/2, box/2]^3 the planes span
+  background: tuple = (1.0, 1.0, 1.0)  # colour composited behind the object
+  chunk_size: int = 8192  # rays evaluated together; bounds memory
+  mlp_dtype: str = "float32"  # compute dtype of the decoder's matmuls
+  planes_dtype: Optional[str] = None  # sample planes in this dtype; None: as given
+  remat: bool = False  # recompute each chunk in the backward pass
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.num_coarse < 2 or (self.num_fine > 0 and self.num_coarse < 4):
+      raise ValueError("need num_coarse >= 2, and >= 4 with importance samples")
+    if self.chunk_size < 1:
+      raise ValueError("chunk_size must be positive")
+    background = tuple(float(c) for c in self.background)
+    if len(background) != 3:
+      raise ValueError("background must be an RGB triple")
+    object.__setattr__(self, "background", background)
+
+
+class RenderNoise(NamedTuple):
+  """The random numbers of a render."""
+
+  jitter: jax.Array  # [..., num_coarse] in [0, 1): stratified jitter per sample
+  uniforms: jax.Array  # [..., num_fine] in [0, 1]: inverse-CDF inputs
+
+
+def deterministic_noise(batch_shape: Sequence[int],
+                        options: RenderOptions) -> RenderNoise:
+  """Jitter 0 and uniforms ``linspace(0, 1, num_fine)``, ``[*batch_shape, n]``."""
+  batch_shape = tuple(batch_shape)
+  return RenderNoise(
+      jnp.zeros(batch_shape + (options.num_coarse,), jnp.float32),
+      jnp.broadcast_to(jnp.linspace(0.0, 1.0, options.num_fine, dtype=jnp.float32),
+                       batch_shape + (options.num_fine,)))
+
+
+def _ray_noise(key: jax.Array, view_id: jax.Array, pixel_id: jax.Array,
+               options: RenderOptions) -> RenderNoise:
+  """One ray's noise: ``([num_coarse], [num_fine])``."""
+  ray_key = jax.random.fold_in(jax.random.fold_in(key, view_id), pixel_id)
+  key_jitter, key_uniforms = jax.random.split(ray_key)
+  return RenderNoise(
+      jax.random.uniform(key_jitter, (options.num_coarse,), jnp.float32),
+      jax.random.uniform(key_uniforms, (options.num_fine,), jnp.float32))
+
+
+def draw_noise(key: jax.Array, view_ids: jax.Array, pixel_ids: jax.Array,
+               options: RenderOptions) -> RenderNoise:
+  """The noise a render with ``key=key`` uses for the given rays.
+
+  Args:
+    key: a PRNG key.
+    view_ids: ``[...]`` int32 view index of each ray (0 for :func:`render_rays`).
+    pixel_ids: ``[...]`` int32 ray index: row-major pixel index in the *full*
+      image for :func:`render_views`, the position for :func:`render_rays`.
+    options: sample counts.
+
+  Returns:
+    ``RenderNoise([..., num_coarse], [..., num_fine])``.
+  """
+  view_ids = jnp.asarray(view_ids, jnp.int32)
+  pixel_ids = jnp.broadcast_to(jnp.asarray(pixel_ids, jnp.int32), view_ids.shape)
+  draw = lambda v, p: _ray_noise(key, v, p, options)
+  flat = jax.vmap(draw)(view_ids.reshape(-1), pixel_ids.reshape(-1))
+  return jax.tree.map(lambda x: x.reshape(view_ids.shape + x.shape[-1:]), flat)
+
+
+def crop_pixel_ids(resolution: int, crop=None) -> jax.Array:
+  """``[S * S]`` row-major indices in the full image of a crop's pixels."""
+  start_x, start_y, size = (0, 0, resolution) if crop is None else crop
+  rows = jnp.arange(size, dtype=jnp.int32) + start_y
+  cols = jnp.arange(size, dtype=jnp.int32) + start_x
+  return (rows[:, None] * resolution + cols[None, :]).reshape(-1)
+
+
+def view_noise(key: jax.Array, num_views: int, resolution: int, crop=None,
+               options: RenderOptions = RenderOptions()) -> RenderNoise:
+  """``RenderNoise([V, S*S, num_coarse], [V, S*S, num_fine])`` that
+  ``render_views(..., key=key)`` uses."""
+  pixel_ids = crop_pixel_ids(resolution, crop)
+  view_ids = jnp.broadcast_to(jnp.arange(num_views, dtype=jnp.int32)[:, None],
+                              (num_views, pixel_ids.shape[0]))
+  return draw_noise(key, view_ids, pixel_ids[None], options)
+
+
+def query_samples(decoder_params: Mapping, planes: jax.Array, points: jax.Array,
+                  options: RenderOptions):
+  """Raw density and colour of the field at points (the hot loop).
+
+  Args:
+    decoder_params: ``{"net_0": {"kernel", "bias"}, ...}``.
+    planes: ``[3, H, W, C]``.
+    points: ``[..., 3]``.
+    options: box size and dtypes.
+
+  Returns:
+    ``(raw_density [...], rgb [..., 3])`` float32.
+  """
+  features = triplane.sample_triplane(planes, points, options.box_size)
+  return triplane.decode_features(decoder_params, features,
+                                  dtype=jnp.dtype(options.mlp_dtype))
+
+
+def _render_ray(decoder_params, planes, ray, key, options: RenderOptions):
+  """Renders one ray whose start/end are known; no background, no clamp.
+
+  Args:
+    ray: dict of one ray's ``origin [3], direction [3], start, end, t_near,
+      t_far, hit, view_id, pixel_id`` and, unless ``key`` is given or the mode
+      is deterministic, ``jitter [num_coarse], uniforms [num_fine]``.
+    key: PRNG key or None.
+
+  Returns:
+    dict ``rgb [3], opacity, depth`` (inf when empty), ``depth_min, depth_max``
+    (of all samples).
+  """
+  if key is not None:
+    noise = _ray_noise(key, ray["view_id"], ray["pixel_id"], options)
+  elif "jitter" in ray:
+    noise = RenderNoise(ray["jitter"], ray["uniforms"])
+  else:
+    noise = deterministic_noise((), options)
+
+  def evaluate(depths):
+    points = ray["origin"] + depths[:, None] * ray["direction"]
+    raw, rgb = query_samples(decoder_params, planes, points, options)
+    inside = volume.inside_box(depths, ray["t_near"], ray["t_far"], ray["hit"])
+    rgb, raw = volume.mask_outside(rgb, raw, inside)
+    return rgb, raw
+
+  depths = volume.stratified_depths(ray["start"], ray["end"], noise.jitter)
+  rgb, raw = evaluate(depths)
+  if options.num_fine > 0:
+    weights, _, _, _ = volume.composite(rgb, raw, depths)
+    fine_depths = volume.importance_depths(depths, weights, noise.uniforms)
+    fine_rgb, fine_raw = evaluate(fine_depths)
+    depths, rgb, raw = volume.merge_samples(depths, rgb, raw,
+                                            fine_depths, fine_rgb, fine_raw)
+  _, rgb_out, opacity, depth = volume.composite(rgb, raw, depths)
+  return {"rgb": rgb_out, "opacity": opacity, "depth": depth,
+          "depth_min": jnp.min(depths), "depth_max": jnp.max(depths)}
+
+
+def _segment_reduce(values, view_ids, num_views, reduce, axis_name):
+  """Per-view min or max of per-ray values, across devices if sharded.
+
+  Args:
+    values: ``[N]`` float32.
+    view_ids: ``[N]`` int32 in ``[0, num_views)``.
+    reduce: ``"min"`` or ``"max"``; empty views give ``+inf`` / ``-inf``.
+
+  Returns:
+    ``[num_views]``.
+  """
+  if reduce == "min":
+    out = jax.ops.segment_min(values, view_ids, num_segments=num_views)
+    return lax.pmin(out, axis_name) if axis_name is not None else out
+  out = jax.ops.segment_max(values, view_ids, num_segments=num_views)
+  return lax.pmax(out, axis_name) if axis_name is not None else out
+
+
+def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
+                      options: RenderOptions, axis_name=None):
+  """Renders rays of several views, laid out flat.
+
+  Args:
+    rays: dict of ``origin [N, 3], direction [N, 3], view_id [N], pixel_id [N],
+      real [N] bool`` (false for padding) and optionally ``jitter [N,
+      num_coarse], uniforms [N, num_fine]``.
+    key: PRNG key or None.
+    num_views: number of views the ``view_id`` index.
+    axis_name: mesh axis the rays are split over (inside ``shard_map``).
+
+  Returns:
+    dict ``rgb [N, 3], depth [N], opacity [N]``.
+  """
+  clean = options.mode == "clean"
+  if options.planes_dtype is not None:
+    planes = planes.astype(options.planes_dtype)
+  real = rays["real"]
+  view_ids = rays["view_id"]
+  reduce = functools.partial(_segment_reduce, view_ids=view_ids,
+                             num_views=num_views, axis_name=axis_name)
+
+  origins = lax.stop_gradient(rays["origin"])
+  directions = lax.stop_gradient(rays["direction"])
+  t_near, t_far, hit = volume.intersect_box(origins, directions, options.box_size)
+  hit = hit & real
+  if clean:
+    hit = hit & (t_far > 0)
+    start = jnp.where(hit, jnp.maximum(t_near, 0.0), 0.0)
+    end = jnp.where(hit, t_far, 0.0)
+  else:
+    # Missed rays sample between the smallest and the largest *start* of the
+    # view's hitting rays (the released quirk), or [-1, -2].
+    first = reduce(jnp.where(hit, t_near, jnp.inf), reduce="min")
+    last = reduce(jnp.where(hit, t_near, -jnp.inf), reduce="max")
+    any_hit = first < jnp.inf
+    start = jnp.where(hit, t_near, jnp.where(any_hit, first, -1.0)[view_ids])
+    end = jnp.where(hit, t_far, jnp.where(any_hit, last, -2.0)[view_ids])
+
+  per_ray = dict(rays, origin=origins, direction=directions, start=start,
+                 end=end, t_near=t_near, t_far=t_far, hit=hit)
+  del per_ray["real"]
+  render_one = lambda ray: _render_ray(decoder_params, planes, ray, key, options)
+  if options.remat:
+    render_one = jax.checkpoint(render_one)
+  # Whole chunks only (the padding rays miss the box and are dropped), so the
+  # chunk is compiled once.
+  num_rays = origins.shape[0]
+  chunk = min(options.chunk_size, num_rays)
+  pad = -num_rays % chunk
+  per_ray = jax.tree.map(
+      lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]),
+      per_ray)
+  out = lax.map(render_one, per_ray, batch_size=chunk)
+  out = jax.tree.map(lambda x: x[:num_rays], out)
+
+  if clean:
+    depth = jnp.clip(out["depth"], start, end)
+  else:
+    low = reduce(jnp.where(real, out["depth_min"], jnp.inf), reduce="min")
+    high = reduce(jnp.where(real, out["depth_max"], -jnp.inf), reduce="max")
+    depth = jnp.clip(out["depth"], low[view_ids], high[view_ids])
+  background = jnp.asarray(options.background, jnp.float32)
+  rgb = out["rgb"] + background * (1.0 - out["opacity"])[:, None]
+  return {"rgb": rgb, "depth": depth, "opacity": out["opacity"]}
+
+
+def render_rays(decoder_params: Mapping, planes: jax.Array, origins: jax.Array,
+                directions: jax.Array, noise: Optional[RenderNoise] = None, *,
+                key: Optional[jax.Array] = None,
+                options: RenderOptions = RenderOptions()):
+  """Renders arbitrary rays of one triplane as one view.
+
+  The per-view quantities (miss-ray range, depth clamp) are computed over all
+  ``R`` rays of the call.
+
+  Args:
+    decoder_params: ``{"net_0": {"kernel", "bias"}, ...}``.
+    planes: ``[3, H, W, C]``.
+    origins: ``[R, 3]`` float32.
+    directions: ``[R, 3]`` float32 unit directions.
+    noise: ``RenderNoise([R, num_coarse], [R, num_fine])``, or None.
+    key: PRNG key to draw the noise from (ray ``i`` uses view 0, pixel ``i``);
+      with neither, deterministic.
+    options: :class:`RenderOptions`.
+
+  Returns:
+    dict ``rgb [R, 3]`` (on the background), ``depth [R]``, ``opacity [R]``.
+  """
+  if noise is not None and key is not None:
+    raise ValueError("give noise or key, not both")
+  num_rays = origins.shape[0]
+  rays = {"origin": origins.astype(jnp.float32),
+          "direction": directions.astype(jnp.float32),
+          "view_id": jnp.zeros((num_rays,), jnp.int32),
+          "pixel_id": jnp.arange(num_rays, dtype=jnp.int32),
+          "real": jnp.ones((num_rays,), bool)}
+  if noise is not None:
+    rays.update(jitter=noise.jitter, uniforms=noise.uniforms)
+  return _render_flat_rays(decoder_params, planes, rays, key, 1, options)
+
+
+def _view_rays(c2w, intrinsics, resolution, crop, noise):
+  """Flat rays of ``V`` views: dict of ``[V * S * S, ...]`` arrays."""
+  origins, directions = jax.vmap(
+      lambda c, k: cameras.generate_rays(c, k, resolution, crop))(
+          c2w.astype(jnp.float32), intrinsics.astype(jnp.float32))
+  num_views, num_pixels = origins.shape[:2]
+  pixel_ids = crop_pixel_ids(resolution, crop)
+  rays = {"origin": origins.reshape(-1, 3),
+          "direction": directions.reshape(-1, 3),
+          "view_id": jnp.repeat(jnp.arange(num_views, dtype=jnp.int32), num_pixels),
+          "pixel_id": jnp.tile(pixel_ids, num_views),
+          "real": jnp.ones((num_views * num_pixels,), bool)}
+  if noise is not None:
+    rays.update(jitter=noise.jitter.reshape(-1, noise.jitter.shape[-1]),
+                uniforms=noise.uniforms.reshape(-1, noise.uniforms.shape[-1]))
+  return rays
+
+
+def _to_images(flat, num_views, size):
+  return {"rgb": flat["rgb"].reshape(num_views, size, size, 3),
+          "depth": flat["depth"].reshape(num_views, size, size),
+          "opacity": flat["opacity"].reshape(num_views, size, size)}
+
+
+def render_views(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
+                 intrinsics: jax.Array, resolution: int, crop=None, *,
+                 noise: Optional[RenderNoise] = None,
+                 key: Optional[jax.Array] = None,
+                 options: RenderOptions = RenderOptions()):
+  """Renders square views (or the same crop of each) of one triplane.
+
+  All views' rays are rendered in chunks of ``options.chunk_size``; the
+  per-view quantities are computed per view.
+
+  Args:
+    decoder_params: ``{"net_0": {"kernel", "bias"}, ...}``.
+    planes: ``[3, H, W, C]``.
+    c2w: ``[V, 4, 4]`` OpenGL camera-to-world.
+    intrinsics: ``[V, 4]`` normalised ``(fx, fy, cx, cy)``.
+    resolution: side ``R`` of the full image (static).
+    crop: optional static ``(start_x, start_y, size)``; ``S = size`` (else R).
+    noise: ``RenderNoise([V, S*S, num_coarse], [V, S*S, num_fine])`` or None.
+    key: PRNG key (see :func:`view_noise`); with neither, deterministic.
+    options: :class:`RenderOptions` (static).
+
+  Returns:
+    dict ``rgb [V, S, S, 3], depth [V, S, S], opacity [V, S, S]`` float32.
+  """
+  if noise is not None and key is not None:
+    raise ValueError("give noise or key, not both")
+  num_views = c2w.shape[0]
+  size = resolution if crop is None else crop[2]
+  rays = _view_rays(c2w, intrinsics, resolution, crop, noise)
+  flat = _render_flat_rays(decoder_params, planes, rays, key, num_views, options)
+  return _to_images(flat, num_views, size)
+
+
+def render_views_sharded(decoder_params: Mapping, planes: jax.Array,
+                         c2w: jax.Array, intrinsics: jax.Array, resolution: int,
+                         mesh: Mesh, axis_name: str = "data", crop=None, *,
+                         noise: Optional[RenderNoise] = None,
+                         key: Optional[jax.Array] = None,
+                         options: RenderOptions = RenderOptions()):
+  """:func:`render_views` with the rays split across a mesh axis.
+
+  Rays (of all views, flat) are padded to a multiple of the axis size and
+  split over ``axis_name``; planes and decoder are replicated. The per-view
+  reductions run across devices (``pmin``/``pmax``) so the result equals the
+  unsharded render. Build ``mesh`` with ``jax.sharding.Mesh`` (or
+  ``AxisType.Auto`` axes).
+
+  Args:
+    as :func:`render_views`, plus ``mesh`` and ``axis_name`` (static).
+
+  Returns:
+    dict ``rgb [V, S, S, 3], depth [V, S, S], opacity [V, S, S]``.
+  """
+  if noise is not None and key is not None:
+    raise ValueError("give noise or key, not both")
+  num_views = c2w.shape[0]
+  size = resolution if crop is None else crop[2]
+  rays = _view_rays(c2w, intrinsics, resolution, crop, noise)
+  num_rays = rays["origin"].shape[0]
+  num_shards = mesh.shape[axis_name]
+  pad = -num_rays % num_shards
+
+  def pad_rays(name, x):
+    if not pad:
+      return x
+    # Padding rays are marked unreal: they hit nothing and join no reduction.
+    fill = {"view_id": num_views - 1, "real": False}.get(name, 0)
+    return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+
+  rays = {name: pad_rays(name, x) for name, x in rays.items()}
+  rays_spec = {name: PartitionSpec(axis_name) for name in rays}
+  render = functools.partial(_render_flat_rays, num_views=num_views,
+                             options=options, axis_name=axis_name)
+  if key is None:
+    sharded = jax.shard_map(
+        lambda params, planes, rays: render(params, planes, rays, None),
+        mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), rays_spec),
+        out_specs=PartitionSpec(axis_name))
+    flat = sharded(decoder_params, planes, rays)
+  else:
+    sharded = jax.shard_map(
+        render, mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), rays_spec, PartitionSpec()),
+        out_specs=PartitionSpec(axis_name))
+    flat = sharded(decoder_params, planes, rays, key)
+  flat = jax.tree.map(lambda x: x[:num_rays], flat)
+  return _to_images(flat, num_views, size)

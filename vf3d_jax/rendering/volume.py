@@ -1,0 +1,241 @@
+"""Volume rendering maths of the released renderer, as pure array functions.
+
+The released model renders with EG3D's importance renderer as modified by
+OpenLRM: box-bounded stratified samples, samples outside the box masked out,
+a "MipRayMarcher2" that averages colours, raw densities and depths at interval
+midpoints, and NeRF-style inverse-CDF resampling of smoothed coarse weights.
+Every function here works on one ray or on any batch of rays: the sample axis is
+last (``[..., S]``; colours ``[..., S, 3]``).
+
+What differs from a literal transcription, and why:
+
+* The linear part of the stratified samples is ``start * (1 - s) + end * s``
+  instead of ``start + s * (end - start)``. They agree to an ulp, but this form
+  puts the first and last samples exactly on ``start`` and ``end``.
+* Whether a sample is inside the box is decided from its depth
+  (``t_near <= t <= t_far`` on a ray that hits) rather than from its rounded
+  position. On a straight line through a convex box the two tests are the same
+  set; the depth form is exact where samples sit on the box surface (the first
+  and last samples when the jitter is 0), which the position test leaves to
+  rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vf3d_jax.models.triplane import density_activation
+
+# Raw density given to samples outside the box: PyTorch's nan_to_num(-inf)
+# (the most negative float32) divided by 3, so that the sum of two of them at a
+# midpoint still does not overflow. softplus of it is exactly 0.
+OUTSIDE_RAW_DENSITY = float(np.float32(np.finfo(np.float32).min) / np.float32(3))
+# Keeps the transmittance product away from 0 (as released).
+TRANSMITTANCE_EPS = 1e-10
+# Added to the smoothed coarse weights before they become a pdf (as released).
+WEIGHT_FLOOR = 0.01
+PDF_EPS = 1e-5
+
+
+def intersect_box(origins: jax.Array, directions: jax.Array,
+                  box_size: float = 2.0):
+  """Slab test of lines against the cube ``[-box_size/2, box_size/2]^3``.
+
+  Args:
+    origins: ``[..., 3]`` float32 ray origins.
+    directions: ``[..., 3]`` float32 ray directions (any length).
+
+  Returns:
+    ``(t_near [...], t_far [...], hit [...] bool)``: the depths at which the
+    line enters and leaves the box (either may be negative: the whole line is
+    tested, as released) and ``hit = t_near < t_far``. Where ``hit`` is false
+    ``t_near``/``t_far`` are meaningless.
+  """
+  half = box_size / 2
+  inv = 1.0 / directions  # +-inf on axis-parallel rays is what the slabs need
+  t_low = (-half - origins) * inv
+  t_high = (half - origins) * inv
+  t_near = jnp.max(jnp.minimum(t_low, t_high), axis=-1)
+  t_far = jnp.min(jnp.maximum(t_low, t_high), axis=-1)
+  return t_near, t_far, t_near < t_far
+
+
+def stratified_depths(start: jax.Array, end: jax.Array,
+                      jitter: jax.Array) -> jax.Array:
+  """Evenly spaced depths from ``start`` to ``end``, each pushed by a jitter.
+
+  ``t_k = lerp(start, end, k / (S - 1)) + jitter_k * (end - start) / (S - 1)``:
+  the jitter is drawn per sample, so with it the last sample lies beyond
+  ``end`` (as released).
+
+  Args:
+    start: ``[...]`` float32 first depth.
+    end: ``[...]`` float32 last depth.
+    jitter: ``[..., S]`` in ``[0, 1)``; zeros give the plain grid.
+
+  Returns:
+    ``[..., S]`` float32 depths.
+  """
+  num = jitter.shape[-1]
+  step = jnp.arange(num, dtype=jnp.float32) / (num - 1)
+  start = start[..., None]
+  end = end[..., None]
+  return start * (1.0 - step) + end * step + jitter * ((end - start) / (num - 1))
+
+
+def inside_box(depths: jax.Array, t_near: jax.Array, t_far: jax.Array,
+               hit: jax.Array) -> jax.Array:
+  """``[..., S]`` bool: samples at ``depths`` inside the box (inclusive).
+
+  Args:
+    depths: ``[..., S]`` sample depths.
+    t_near, t_far, hit: ``[...]`` from :func:`intersect_box`.
+  """
+  return (hit[..., None] & (depths >= t_near[..., None])
+          & (depths <= t_far[..., None]))
+
+
+def mask_outside(rgb: jax.Array, raw_density: jax.Array, inside: jax.Array):
+  """Outside samples get colour 0 and raw density :data:`OUTSIDE_RAW_DENSITY`.
+
+  Args:
+    rgb: ``[..., S, 3]``.
+    raw_density: ``[..., S]``.
+    inside: ``[..., S]`` bool.
+
+  Returns:
+    ``(rgb [..., S, 3], raw_density [..., S])``.
+  """
+  rgb = jnp.where(inside[..., None], rgb, 0.0)
+  raw_density = jnp.where(inside, raw_density, OUTSIDE_RAW_DENSITY)
+  return rgb, raw_density
+
+
+def composite(rgb: jax.Array, raw_density: jax.Array, depths: jax.Array):
+  """Alpha compositing over the ``S - 1`` intervals between samples.
+
+  Colours, raw densities and depths are averaged at interval midpoints; the
+  density is activated there (``softplus(raw - 1)``); ``alpha = 1 -
+  exp(-sigma * delta)``; ``T = cumprod([1, 1 - alpha + 1e-10])[:-1]``;
+  ``w = alpha * T``.
+
+  Args:
+    rgb: ``[..., S, 3]`` float32 sample colours.
+    raw_density: ``[..., S]`` float32 raw densities.
+    depths: ``[..., S]`` float32 sample depths (sorted, except in the released
+      renderer's coarse pass of a view no ray of which hits the box).
+
+  Returns:
+    ``(weights [..., S-1], rgb [..., 3], opacity [...], depth [...])``: the
+    colour is not yet composited on a background; ``depth = sum(w * t_mid) /
+    opacity``, ``+inf`` where the opacity is 0 (the released NaN -> inf),
+    not clamped.
+  """
+  deltas = depths[..., 1:] - depths[..., :-1]
+  rgb_mid = (rgb[..., :-1, :] + rgb[..., 1:, :]) / 2
+  raw_mid = (raw_density[..., :-1] + raw_density[..., 1:]) / 2
+  depth_mid = (depths[..., :-1] + depths[..., 1:]) / 2
+  alpha = 1.0 - jnp.exp(-density_activation(raw_mid) * deltas)
+  transmittance = jnp.cumprod(
+      jnp.concatenate([jnp.ones_like(alpha[..., :1]),
+                       1.0 - alpha + TRANSMITTANCE_EPS], axis=-1), axis=-1)[..., :-1]
+  weights = alpha * transmittance
+  rgb_out = jnp.sum(weights[..., None] * rgb_mid, axis=-2)
+  opacity = jnp.sum(weights, axis=-1)
+  depth_sum = jnp.sum(weights * depth_mid, axis=-1)
+  # Divide only where defined so that gradients stay finite.
+  seen = opacity > 0
+  depth = jnp.where(seen, depth_sum / jnp.where(seen, opacity, 1.0), jnp.inf)
+  return weights, rgb_out, opacity, depth
+
+
+def smooth_weights(weights: jax.Array) -> jax.Array:
+  """Max-pool (kernel 2, stride 1, pad 1) then avg-pool (kernel 2, stride 1).
+
+  Args:
+    weights: ``[..., N]`` float32.
+
+  Returns:
+    ``[..., N]``: ``(max(w[i-1], w[i]) + max(w[i], w[i+1])) / 2`` with the
+    missing neighbours at the ends ignored (PyTorch pads max-pool with -inf).
+  """
+  pad = jnp.full_like(weights[..., :1], -jnp.inf)
+  padded = jnp.concatenate([pad, weights, pad], axis=-1)
+  pooled = jnp.maximum(padded[..., :-1], padded[..., 1:])  # [..., N + 1]
+  return (pooled[..., :-1] + pooled[..., 1:]) / 2
+
+
+def sample_pdf(bins: jax.Array, weights: jax.Array,
+               uniforms: jax.Array) -> jax.Array:
+  """Inverse-CDF sampling of a piecewise-linear CDF over ``bins``.
+
+  Args:
+    bins: ``[..., B]`` sorted bin edges.
+    weights: ``[..., B - 1]`` non-negative bin weights (``1e-5`` is added).
+    uniforms: ``[..., F]`` in ``[0, 1]``.
+
+  Returns:
+    ``[..., F]`` samples. Where a bin's CDF step is below ``1e-5`` (only at the
+    clamped ends) the step is taken as 1, as released.
+  """
+  num_bins = weights.shape[-1]
+  weights = weights + PDF_EPS
+  pdf = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  cdf = jnp.concatenate([jnp.zeros_like(pdf[..., :1]),
+                         jnp.cumsum(pdf, axis=-1)], axis=-1)  # [..., B]
+  # searchsorted(cdf, u, side="right") as a count: cdf is non-decreasing.
+  index = jnp.sum(cdf[..., None, :] <= uniforms[..., :, None], axis=-1)
+  below = jnp.maximum(index - 1, 0)
+  above = jnp.minimum(index, num_bins)
+  cdf_below = jnp.take_along_axis(cdf, below, axis=-1)
+  cdf_above = jnp.take_along_axis(cdf, above, axis=-1)
+  bins_below = jnp.take_along_axis(bins, below, axis=-1)
+  bins_above = jnp.take_along_axis(bins, above, axis=-1)
+  denom = cdf_above - cdf_below
+  denom = jnp.where(denom < PDF_EPS, 1.0, denom)
+  return bins_below + (uniforms - cdf_below) / denom * (bins_above - bins_below)
+
+
+def importance_depths(depths: jax.Array, weights: jax.Array,
+                      uniforms: jax.Array) -> jax.Array:
+  """Fine sample depths from a coarse pass, without gradient.
+
+  The coarse weights are smoothed (:func:`smooth_weights`) and floored by
+  0.01; the bins are the ``S - 1`` coarse interval midpoints and the pdf uses
+  the ``S - 3`` inner smoothed weights ``[1:-1]`` (as released, so the last
+  midpoint is never reached).
+
+  Args:
+    depths: ``[..., S]`` coarse depths.
+    weights: ``[..., S - 1]`` coarse compositing weights.
+    uniforms: ``[..., F]`` in ``[0, 1]``.
+
+  Returns:
+    ``[..., F]`` float32 depths (unsorted).
+  """
+  depths = jax.lax.stop_gradient(depths)
+  weights = jax.lax.stop_gradient(weights).astype(jnp.float32)
+  smoothed = smooth_weights(weights) + WEIGHT_FLOOR
+  bins = (depths[..., :-1] + depths[..., 1:]) / 2
+  return jax.lax.stop_gradient(sample_pdf(bins, smoothed[..., 1:-1], uniforms))
+
+
+def merge_samples(depths_a, rgb_a, raw_a, depths_b, rgb_b, raw_b):
+  """Concatenates two sample sets and sorts them by depth.
+
+  Args:
+    depths_a: ``[..., S]``; rgb_a ``[..., S, 3]``; raw_a ``[..., S]``.
+    depths_b: ``[..., F]``; rgb_b ``[..., F, 3]``; raw_b ``[..., F]``.
+
+  Returns:
+    ``(depths [..., S+F], rgb [..., S+F, 3], raw [..., S+F])`` sorted by depth.
+  """
+  depths = jnp.concatenate([depths_a, depths_b], axis=-1)
+  rgb = jnp.concatenate([rgb_a, rgb_b], axis=-2)
+  raw = jnp.concatenate([raw_a, raw_b], axis=-1)
+  order = jnp.argsort(depths, axis=-1)
+  return (jnp.take_along_axis(depths, order, axis=-1),
+          jnp.take_along_axis(rgb, order[..., None], axis=-2),
+          jnp.take_along_axis(raw, order, axis=-1))
