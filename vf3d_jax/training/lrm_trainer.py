@@ -53,6 +53,7 @@ from vf3d_jax.models.lrm import LRM, LRMArch, count_params, init_params
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import renderer
 from vf3d_jax.training import camera_noise
+from vf3d_jax.training import lrm_data
 from vf3d_jax.training import optim
 from vf3d_jax.training import sharding
 from vf3d_jax.training.metric_writer import MetricWriter
@@ -187,7 +188,7 @@ def compute_losses(params, batch, key, *, model: LRM, stage: Stage, config, lpip
       mlp_dtype=config.dtype, remat=config.train.remat_renderer)
   rgb, opacity = render_supervision(params["synthesizer"]["decoder"], planes, batch, k_render,
                                     stage, options, mesh)
-  background = batch["render_background"][:, :, None, None, :]
+  background = batch["background"][:, None, None, None, :]
   rgb = rgb + background * (1.0 - opacity[..., None])
   target = batch["render_rgb"]
   w = config.loss
@@ -301,8 +302,6 @@ def model_from_config(config) -> tuple[LRMArch, LRM]:
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Trains (or resumes training) in ``workdir``; returns the final state."""
-  from vf3d_jax.data import loader as data_loader  # pylint: disable=g-import-not-at-top
-
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -333,7 +332,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   base_key = jax.random.key(config.seed)
 
   def make_iterator(stage: Stage):
-    return data_loader.make_train_iterator(
+    return lrm_data.make_train_iterator(
         config.data, batch_size=config.train.batch_size // jax.process_count(),
         num_views=config.train.num_views, input_size=arch.input_size,
         render_resolution=stage.render_resolution, crop_size=stage.crop_size,
@@ -426,12 +425,10 @@ class Evaluator:
   """
 
   def __init__(self, config, model: LRM, mesh, lpips_params, writer: MetricWriter):
-    from vf3d_jax.data import loader as data_loader  # pylint: disable=g-import-not-at-top
-
     self.config, self.model, self.writer = config, model, writer
     self.lpips_params = lpips_params
     res = config.eval.render_resolution
-    self.batches = data_loader.make_eval_batches(
+    self.batches = lrm_data.make_eval_batches(
         config.data, num_objects=config.eval.num_objects, num_views=config.train.num_views,
         input_size=model.arch.input_size, render_resolution=res)
     options = renderer.RenderOptions(num_coarse=config.eval.num_coarse,
@@ -445,7 +442,7 @@ class Evaluator:
       render_one = lambda p, c, k: renderer.render_views(
           decoder, p, c, k, res, options=dataclasses.replace(options, background=(0., 0., 0.)))
       out = jax.vmap(render_one)(planes, batch["render_c2w"], batch["render_intrinsics"])
-      bg = batch["render_background"][:, :, None, None, :]
+      bg = batch["background"][:, None, None, None, :]
       return out["rgb"] + bg * (1 - out["opacity"][..., None])
 
     self._render = render

@@ -1,0 +1,91 @@
+"""The LRM trainer's view of the data: Grain iterators per stage, fixed eval batches.
+
+``config.data.train`` names record folders with mixing weights as
+``"path[:weight],path[:weight]"`` (e.g. ``"data/synthetic:0.7,data/objaverse:0.3"``),
+which keeps phases (pre-training on synthetic data, fine-tuning with more 3D
+data) a one-flag change. The pipeline itself is ``vf3d_jax.data.pipeline``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vf3d_jax.data import pipeline
+
+# What the train step reads; the pipeline's other keys stay on the host.
+BATCH_KEYS = ("source_image", "source_camera", "render_c2w", "render_intrinsics", "render_rgb",
+              "render_mask", "crop", "background")
+
+
+def parse_datasets(spec: str) -> list[dict]:
+  """``"a:0.7,b:0.3"`` -> ``[{"path": "a", "weight": 0.7}, {"path": "b", "weight": 0.3}]``."""
+  out = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    path, _, weight = part.rpartition(":")
+    try:
+      out.append({"path": path, "weight": float(weight)}) if path else out.append(
+          {"path": part, "weight": 1.0})
+    except ValueError:  # a ':' inside the path, no weight
+      out.append({"path": part, "weight": 1.0})
+  if not out:
+    raise ValueError("data.train is empty: give record folders as 'path[:weight],...' "
+                     "(make them with `python -m tools.render_orbits`)")
+  return out
+
+
+def _pipeline_config(data_config, spec: str, *, batch_size, num_views, input_size,
+                     render_resolution, crop_size, seed, shard_index, shard_count):
+  config = pipeline.default_config()
+  config.datasets = parse_datasets(spec)
+  config.seed = seed
+  config.batch_size = batch_size
+  config.num_workers = data_config.num_workers
+  config.shard_index = shard_index
+  config.shard_count = shard_count
+  config.num_render_views = num_views
+  config.input_resolution = input_size
+  config.render_resolution = render_resolution
+  config.crop_size = crop_size
+  config.background = data_config.background
+  config.strict = data_config.strict
+  return config
+
+
+class _Select:
+  """Keeps the keys the step reads (picklable for worker processes)."""
+
+  def __call__(self, batch):
+    return {k: batch[k] for k in BATCH_KEYS}
+
+
+def make_train_iterator(data_config, *, batch_size, num_views, input_size, render_resolution,
+                        crop_size, seed, shard_index, shard_count):
+  """An endless, checkpointable iterator of this process' training batches."""
+  config = _pipeline_config(data_config, data_config.train, batch_size=batch_size,
+                            num_views=num_views, input_size=input_size,
+                            render_resolution=render_resolution, crop_size=crop_size, seed=seed,
+                            shard_index=shard_index, shard_count=shard_count)
+  return iter(pipeline.make_dataset(config).map(_Select()))
+
+
+def make_eval_batches(data_config, *, num_objects, num_views, input_size, render_resolution,
+                      batch_size=4):
+  """The first ``num_objects`` held-out objects as full-view batches (fixed for a run)."""
+  config = _pipeline_config(data_config, data_config.eval, batch_size=batch_size,
+                            num_views=num_views, input_size=input_size,
+                            render_resolution=render_resolution, crop_size=render_resolution,
+                            seed=0, shard_index=0, shard_count=1)
+  config.num_workers = 0
+  config.background = "white"
+  config.num_epochs = 1
+  config.drop_remainder = False
+  batches, seen = [], 0
+  for batch in pipeline.make_dataset(config):
+    take = min(len(batch["source_image"]), num_objects - seen)
+    batches.append({k: np.asarray(batch[k][:take]) for k in BATCH_KEYS})
+    seen += take
+    if seen >= num_objects:
+      break
+  return batches
