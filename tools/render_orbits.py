@@ -1,0 +1,26 @@
+r"""Renders multi-view records of 3D assets (see configs/render.py).
+
+  python -m tools.render_orbits --config configs/render.py:procedural \
+      --config.num_assets=8 --config.output_dir=/tmp/vf3d
+"""
+
+import os
+
+from absl import app
+from ml_collections import config_flags
+
+from vf3d_jax.data import render_orbits
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "render.py"),
+    "Render configuration.", lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  print(render_orbits.render_dataset(_CONFIG.value))
+
+
+if __name__ == "__main__":
+  app.run(main)
