@@ -14,6 +14,7 @@ import pytest
 
 from configs import lrm as lrm_configs
 from configs import render as render_configs
+from vf3d_jax import pretrained
 from vf3d_jax.data import render_orbits
 from vf3d_jax.training import lrm_trainer
 
@@ -86,6 +87,15 @@ def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
   assert "resumed from step" in resumed.stderr
   a, b = _params(straight, 6), _params(killed, 6)
   assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b))
+
+  # The trained parameters export to the released layout and load for inference.
+  exported = tmp_path / "model.safetensors"
+  out = subprocess.run([sys.executable, "-m", "tools.export_lrm", "--workdir", str(straight),
+                        "--output", str(exported)], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  _, loaded = pretrained.load_lrm(exported)
+  assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a, loaded))
 
 
 def test_divergence_stops_with_a_clear_message(records, tmp_path):
