@@ -14,6 +14,7 @@ from vf3d_jax.data import pipeline
 from vf3d_jax.data import procedural
 from vf3d_jax.data import records
 from vf3d_jax.data import render_orbits
+from tests.data import test_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,15 +44,7 @@ def _tiny(tmp_path, **overrides):
   return config
 
 
-def _read(folder):
-  from array_record.python import array_record_module
-  out = []
-  for name in sorted(os.listdir(folder)):
-    if ".array_record-" in name:
-      reader = array_record_module.ArrayRecordReader(os.path.join(folder, name))
-      out += [records.parse(r) for r in reader.read_all()]
-      reader.close()
-  return out
+_read = test_records._read_all  # pylint: disable=protected-access
 
 
 def test_procedural_dataset_renders_resumes_and_loads(tmp_path, monkeypatch):

@@ -1,14 +1,8 @@
 r"""The single image -> triplanes -> turntable video and textured mesh pipeline.
 
-``python -m vf3d_jax.infer`` is the command-line front of this module:
-
-  python -m vf3d_jax.infer --checkpoint model.safetensors --image photo.png --output out/
-  python -m vf3d_jax.infer --checkpoint ckpt_dir --image photos/ --output out/ \
-      --config configs/infer.py:fast --config.mesh.format=glb
-
-Without ``--checkpoint`` it uses the embedded tiny demo model, without
-``--image`` the example images, both shipped in ``examples/``; ``make demo``
-runs exactly that with ``--config configs/infer.py:demo`` (CPU-sized outputs).
+``python -m vf3d_jax.infer`` (see its docstring for the commands) is the
+command-line front of this module; notebooks call :func:`run` or
+:class:`Reconstructor` directly.
 
 For each image ``out/<image name>/`` receives ``input.png`` (the preprocessed
 model input), ``turntable.mp4`` (or ``.gif``), ``mesh.obj`` (or ``.glb`` /
