@@ -32,6 +32,7 @@ from vf3d_jax.evaluation import metrics
 from vf3d_jax.inference.pipeline import Reconstructor
 from vf3d_jax.inference import mesh as mesh_lib
 from vf3d_jax.models import lrm
+from tools.benchmarking import median_seconds, peak_gib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Weights; default: random at --variant sizes.")
 _VARIANT = flags.DEFINE_string("variant", "vfusion3d", "configs/lrm.py variant for random weights.")
@@ -41,22 +42,6 @@ _MESH_RESOLUTION = flags.DEFINE_integer("mesh_resolution", 512, "Density grid re
 _VIEWS_PER_CALL = flags.DEFINE_integer("views_per_call", 8, "Views per compiled render call.")
 _CHUNK = flags.DEFINE_integer("chunk", 16384, "Rays per renderer step.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per stage.")
-
-
-def _median_time(fn, repeats):
-  fn()  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def _peak_gib():
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else round(peak / 2**30, 2)
 
 
 def _config(variant):
@@ -89,12 +74,12 @@ def main(argv):
     planes = rec.planes(image)
     if reference_planes is None:
       reference_planes = planes  # float32 planes: both renderers draw these for the PSNR
-    t_planes = _median_time(lambda: jax.block_until_ready(rec.planes(image)), _REPEATS.value)
-    t_video = _median_time(lambda: rec.turntable(planes, key, progress=False), _REPEATS.value)
+    t_planes = median_seconds(lambda: jax.block_until_ready(rec.planes(image)), iters=_REPEATS.value)
+    t_video = median_seconds(lambda: rec.turntable(planes, key, progress=False), iters=_REPEATS.value)
     frames[variant] = rec.turntable(reference_planes, key, progress=False)
     grid_query = mesh_lib.field_query_fn(params, planes)
-    t_grid = _median_time(lambda: mesh_lib.density_grid(
-        grid_query, rec.config.mesh.resolution, rec.config.mesh.chunk), _REPEATS.value)
+    t_grid = median_seconds(lambda: mesh_lib.density_grid(
+        grid_query, rec.config.mesh.resolution, rec.config.mesh.chunk), iters=_REPEATS.value)
     grid = mesh_lib.density_grid(grid_query, rec.config.mesh.resolution, rec.config.mesh.chunk)
     start = time.perf_counter()
     try:
@@ -115,7 +100,7 @@ def main(argv):
     }
   result["fast_vs_fp32_compatible_psnr_db"] = float(jnp.mean(metrics.psnr(
       jnp.asarray(frames["fast"]), jnp.asarray(frames["vfusion3d"]))))
-  result["peak_gib"] = _peak_gib()
+  result["peak_gib"] = peak_gib()
   print(json.dumps(result, indent=2))
 
 

@@ -16,7 +16,6 @@ bf16 planes within 1e-2 relative error.
 """
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -27,23 +26,13 @@ import numpy as np
 from configs import lrm as lrm_configs
 from vf3d_jax.models import lrm
 from vf3d_jax.rendering import cameras
+from tools.benchmarking import median_seconds, peak_gib
 
 _VARIANT = flags.DEFINE_string("variant", "vfusion3d", "configs/lrm.py variant.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch of the bfloat16 throughput run.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed iterations per measurement.")
 _ATTENTION = flags.DEFINE_string("attention", "auto",
                                  "Attention implementation for bf16: auto, xla or cudnn.")
-
-
-def _time(fn, *args, iters):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main(argv):
@@ -68,12 +57,12 @@ def main(argv):
   with jax.default_matmul_precision("highest"):
     fp32 = forward(jnp.float32, None)
     x1, c1 = inputs(1)
-    latency = _time(fp32, params, x1, c1, iters=_ITERS.value)
+    latency = median_seconds(fp32, params, x1, c1, iters=_ITERS.value, warmup=2)
     xb, cb = inputs(_BATCH.value)
     planes_fp32 = fp32(params, xb, cb)
 
   bf16 = forward(jnp.bfloat16, impl)
-  step = _time(bf16, params, xb, cb, iters=_ITERS.value)
+  step = median_seconds(bf16, params, xb, cb, iters=_ITERS.value, warmup=2)
   planes_bf16 = bf16(params, xb, cb)
   diff = planes_bf16 - planes_fp32
   result = {
@@ -88,9 +77,8 @@ def main(argv):
       "bf16_rel_l2_error": float(jnp.linalg.norm(diff) / jnp.linalg.norm(planes_fp32)),
       "bf16_max_error_over_max": float(jnp.abs(diff).max() / jnp.abs(planes_fp32).max()),
   }
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    result["peak_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
+  if peak_gib() is not None:
+    result["peak_gib"] = peak_gib()
   print(json.dumps(result, indent=2))
 
 

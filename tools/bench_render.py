@@ -23,7 +23,6 @@ turntable 14.9 s, 23.6 GiB peak.
 """
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -34,6 +33,7 @@ import numpy as np
 from vf3d_jax.models.triplane import TriplaneDecoder
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import renderer
+from tools.benchmarking import peak_gib, timed
 
 _RESOLUTION = flags.DEFINE_integer("resolution", 384, "Image side.")
 _VIEWS = flags.DEFINE_integer("views", 160, "Turntable views (0: skip the turntable).")
@@ -51,19 +51,6 @@ _PRECISION = flags.DEFINE_enum("matmul_precision", "highest",
                                ["default", "high", "highest"],
                                "jax_default_matmul_precision for float32.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed single-view calls.")
-
-
-def _peak_gib():
-  stats = jax.devices()[0].memory_stats()
-  if not stats or "peak_bytes_in_use" not in stats:
-    return None
-  return round(stats["peak_bytes_in_use"] / 2**30, 3)
-
-
-def _timed(fn, *args):
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
 
 
 def main(argv):
@@ -90,20 +77,20 @@ def main(argv):
 
     one_view = cameras.orbit_cameras(1, radius=1.5, azimuth_offset=0.3)
     key = jax.random.key(2)
-    row["view_compile_s"] = round(_timed(render, decoder_params, planes, one_view, key), 3)
-    times = [_timed(render, decoder_params, planes, one_view, key)
+    row["view_compile_s"] = round(timed(render, decoder_params, planes, one_view, key), 3)
+    times = [timed(render, decoder_params, planes, one_view, key)
              for _ in range(_ITERS.value)]
     row["view_ms"] = round(1e3 * float(np.median(times)), 2)
-    row["view_peak_gib"] = _peak_gib()
+    row["view_peak_gib"] = peak_gib()
 
     if _VIEWS.value:
       turntable = cameras.orbit_cameras(_VIEWS.value, radius=1.5)
       row["turntable_compile_s"] = round(
-          _timed(render, decoder_params, planes, turntable, key), 3)
-      seconds = _timed(render, decoder_params, planes, turntable, key)
+          timed(render, decoder_params, planes, turntable, key), 3)
+      seconds = timed(render, decoder_params, planes, turntable, key)
       row["turntable_s"] = round(seconds, 3)
       row["turntable_ms_per_view"] = round(1e3 * seconds / _VIEWS.value, 2)
-      row["turntable_peak_gib"] = _peak_gib()
+      row["turntable_peak_gib"] = peak_gib()
     results.append(row)
     print(json.dumps(row), flush=True)
 
