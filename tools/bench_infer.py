@@ -74,8 +74,10 @@ def main(argv):
     planes = rec.planes(image)
     if reference_planes is None:
       reference_planes = planes  # float32 planes: both renderers draw these for the PSNR
-    t_planes = median_seconds(lambda: jax.block_until_ready(rec.planes(image)), iters=_REPEATS.value)
-    t_video = median_seconds(lambda: rec.turntable(planes, key, progress=False), iters=_REPEATS.value)
+    t_planes = median_seconds(lambda: jax.block_until_ready(rec.planes(image)),
+                              iters=_REPEATS.value)
+    t_video = median_seconds(lambda: rec.turntable(planes, key, progress=False),
+                             iters=_REPEATS.value)
     frames[variant] = rec.turntable(reference_planes, key, progress=False)
     grid_query = mesh_lib.field_query_fn(params, planes)
     t_grid = median_seconds(lambda: mesh_lib.density_grid(
