@@ -41,6 +41,8 @@ setup(
     extras_require={
         # Reading PyTorch pickles and running the PyTorch parity tests.
         "torch": ["torch>=2.13,<3"],
-        "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3"],
+        # diffusers (PyTorch classes only) is the reference for the video UNet, VAE and
+        # scheduler parity tests; the library never imports it.
+        "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3", "diffusers>=0.36,<0.37"],
     },
 )

@@ -1,14 +1,10 @@
 """The released VFusion3D checkpoint layout <-> vf3d_jax LRM parameters.
 
-The conversion is one table, :data:`RULES`: a regular expression over our
-parameter paths (``/``-joined), the checkpoint key it corresponds to, and the
-transform from the checkpoint's tensor layout to ours. The same table converts
-back (:func:`to_state_dict`), so checkpoints round-trip.
-
-Layouts: PyTorch ``Linear.weight`` is ``(out, in)``, ours ``(in, out)``;
-``Conv2d.weight`` is ``(out, in, kh, kw)``, ours ``(kh, kw, in, out)``; the
-upsampler's ``ConvTranspose2d.weight`` is ``(in, out, kh, kw)``, ours
-``(in, kh, kw, out)``.
+The conversion is one table, :data:`RULES` (see :mod:`vf3d_jax.weights.rules`):
+a regular expression over our parameter paths (``/``-joined), the checkpoint key
+it corresponds to, and the transform from the checkpoint's tensor layout to
+ours. The same table converts back (:func:`to_state_dict`), so checkpoints
+round-trip.
 
 The architecture is read off the checkpoint's shapes (:func:`infer_arch`), so
 any checkpoint of this family loads; head counts are not visible in shapes and
@@ -20,33 +16,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Callable, Mapping
+from typing import Mapping
 
-import flax.traverse_util
 import jax
 import numpy as np
 
 from vf3d_jax.models.dinov2 import EncoderArch
 from vf3d_jax.models.lrm import LRMArch, param_shapes
+from vf3d_jax.weights.rules import (CONV, CONV_TRANSPOSE, LINEAR, SAME, Rule, RuleTable,
+                                    params_from_state_dict, state_dict_from_params)
 from vf3d_jax.weights.state_dict import (CheckpointError, read_safetensors_metadata,
                                          read_state_dict, write_safetensors)
 
 # safetensors metadata entry holding the architecture as JSON (files we write).
 ARCH_METADATA_KEY = "vf3d_jax.arch"
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-  """A layout change between the checkpoint (``load``) and our parameters (``save``)."""
-
-  load: Callable[[np.ndarray], np.ndarray]
-  save: Callable[[np.ndarray], np.ndarray]
-
-
-SAME = Transform(lambda x: x, lambda x: x)
-LINEAR = Transform(lambda x: x.T, lambda x: x.T)
-CONV = Transform(lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
-CONV_TRANSPOSE = Transform(lambda x: x.transpose(0, 2, 3, 1), lambda x: x.transpose(0, 3, 1, 2))
 
 _ENC = "encoder.model"
 _LAYER = r"encoder/layer_(\d+)"
@@ -54,7 +37,7 @@ _BLOCK = r"transformer/layers_(\d+)"
 
 # (our parameter path, checkpoint key, transform). Paths are full-match regexes;
 # keys use their groups.
-RULES: tuple[tuple[str, str, Transform], ...] = (
+RULES: tuple[Rule, ...] = (
     # DINOv2 encoder.
     (r"encoder/embeddings/(cls_token|mask_token|position_embeddings)",
      _ENC + r".embeddings.\1", SAME),
@@ -103,20 +86,8 @@ RULES: tuple[tuple[str, str, Transform], ...] = (
     (r"synthesizer/decoder/net_(\d+)/kernel", r"synthesizer.decoder.net.\1.weight", LINEAR),
     (r"synthesizer/decoder/net_(\d+)/bias", r"synthesizer.decoder.net.\1.bias", SAME),
 )
-_COMPILED = tuple((re.compile(p), key, t) for p, key, t in RULES)
-
-
-def checkpoint_key(path: str) -> tuple[str, Transform]:
-  """The checkpoint key and transform of one of our parameter paths."""
-  for pattern, key, transform in _COMPILED:
-    m = pattern.fullmatch(path)
-    if m:
-      return m.expand(key), transform
-  raise KeyError(f"no conversion rule for parameter {path}")
-
-
-def _flat(tree) -> dict[str, object]:
-  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+TABLE = RuleTable(RULES)
+checkpoint_key = TABLE.checkpoint_key
 
 
 def _indices(state: Mapping[str, np.ndarray], prefix: str) -> list[int]:
@@ -175,38 +146,12 @@ def from_state_dict(state: Mapping[str, np.ndarray], arch: LRMArch):
   Every parameter of ``arch`` must be present with the right shape and every
   checkpoint key must be used; otherwise a :class:`CheckpointError` lists them.
   """
-  expected = _flat(param_shapes(arch))
-  params, missing, wrong, used = {}, [], [], set()
-  for path, spec in expected.items():
-    key, transform = checkpoint_key(path)
-    if key not in state:
-      missing.append(key)
-      continue
-    used.add(key)
-    value = transform.load(np.asarray(state[key]))
-    if value.shape != spec.shape:
-      wrong.append(f"{key} {tuple(state[key].shape)} (expected "
-                   f"{tuple(transform.save(np.zeros(spec.shape, np.int8)).shape)})")
-      continue
-    params[path] = np.ascontiguousarray(value, dtype=np.float32)
-  unexpected = sorted(set(state) - used)
-  problems = []
-  for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-    if keys:
-      shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-      problems.append(f"{what}: {shown}")
-  if problems:
-    raise CheckpointError("checkpoint does not match the model; " + "; ".join(problems))
-  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+  return params_from_state_dict(state, TABLE, param_shapes(arch))
 
 
 def to_state_dict(params) -> dict[str, np.ndarray]:
   """Our parameters -> a state dict in the released layout (float32 numpy)."""
-  state = {}
-  for path, value in _flat(params).items():
-    key, transform = checkpoint_key(path)
-    state[key] = np.ascontiguousarray(transform.save(np.asarray(value, np.float32)))
-  return state
+  return state_dict_from_params(params, TABLE)
 
 
 def save_checkpoint_file(path, arch: LRMArch, params) -> None:
