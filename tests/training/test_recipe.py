@@ -82,8 +82,29 @@ def test_frozen_parameters_do_not_move_and_decay_skips_vectors():
   np.testing.assert_array_equal(params["head"]["b"], 1.0)  # biases are not decayed
   assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(1e-2)
   assert float(schedule(10)) == pytest.approx(1e-3)
-  with pytest.raises(ValueError, match="freezes every parameter"):
+  with pytest.raises(ValueError, match="freeze every parameter"):
     optim.make_optimizer(_optim_config(frozen="."), params)
+
+
+def test_trainable_regex_trains_only_matching_parameters():
+  params = {"unet": {"conv": {"kernel": jnp.ones((3, 3))},
+                     "motion_modules_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}}
+  config = _optim_config(trainable="motion_modules", weight_decay=0.0)
+  tx, _ = optim.make_optimizer(config, params)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["unet"]["conv"]["kernel"], 1.0)
+  assert float(params["unet"]["motion_modules_0"]["kernel"][0, 0]) < 1.0
+  assert float(params["unet"]["motion_modules_0"]["bias"][0]) < 1.0
+  assert optim.is_trained(config, "unet/motion_modules_0/kernel")
+  assert not optim.is_trained(config, "unet/conv/kernel")
+  # frozen still wins inside the trainable set.
+  assert not optim.is_trained(_optim_config(trainable="unet", frozen="bias"), "unet/b/bias")
+  with pytest.raises(ValueError, match="freeze every parameter"):
+    optim.make_optimizer(_optim_config(trainable="no_such_parameter"), params)
 
 
 def test_fsdp_shards_large_tensors_along_a_divisible_axis():

@@ -29,20 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import signal
 import time
 from typing import Any
 
 from absl import logging
-import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from vf3d_jax import pretrained
@@ -53,21 +48,12 @@ from vf3d_jax.models.lrm import LRM, LRMArch, count_params, init_params
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import renderer
 from vf3d_jax.training import camera_noise
+from vf3d_jax.training import loop
 from vf3d_jax.training import lrm_data
 from vf3d_jax.training import optim
 from vf3d_jax.training import sharding
+from vf3d_jax.training.loop import Checkpointer, TrainingDiverged, TrainState
 from vf3d_jax.training.metric_writer import MetricWriter
-
-
-class TrainingDiverged(RuntimeError):
-  """The loss or the gradients stopped being finite."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,63 +210,6 @@ def train_step(state: TrainState, batch, base_key, *, optimizer, schedule, loss_
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-class Checkpointer:
-  """Orbax manager over the train state, the data iterator state and the stage."""
-
-  def __init__(self, workdir: str, config):
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                           create=True, enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
-
-  def latest_step(self):
-    return self.manager.latest_step()
-
-  def meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-  def restore(self, step: int, abstract_state, iterator):
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
-    return restored["state"]
-
-  def save(self, step: int, state, iterator, meta: dict, force: bool = False) -> bool:
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
-        meta=ocp.args.JsonSave(meta)))
-
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks (save, then exit cleanly)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, no preemption saves
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _initial_params(config, arch: LRMArch, rng):
   if not config.train.init_from:
     return init_params(arch, rng)
@@ -380,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     eval_fn(state.params, step)
   meta = lambda: {"stage": stage.index, "step": step}
   last_log, last_log_step = time.perf_counter(), step
-  with _Preemption() as preemption:
+  with loop.Preemption() as preemption:
     while step < config.train.steps:
       new_stage = stage_at(stages, step)
       if new_stage != stage:
@@ -392,10 +321,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       step += 1
       if step % config.train.log_every == 0 or step == config.train.steps:
         metrics = jax.device_get(metrics)
-        if not all(np.isfinite(v) for v in metrics.values()):
-          bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
-          raise TrainingDiverged(f"non-finite values at step {step}: {bad}; lower train.lr, "
-                                 "raise train.warmup_steps or check the data")
+        loop.check_finite(step, metrics)
         now = time.perf_counter()
         metrics["objects_per_s"] = (step - last_log_step) * config.train.batch_size / (now - last_log)
         metrics["stage"] = stage.index

@@ -4,6 +4,8 @@ Parameter groups are chosen by regular expressions over ``/``-joined parameter
 paths (``encoder/layer_3/fc1/kernel``), big_vision style:
 
 * ``frozen``: matching parameters get no updates (and no optimizer state);
+* ``trainable`` (optional): when set, only matching parameters train and all
+  others are frozen (e.g. the temporal adapters of the video model);
 * weight decay applies only to matrices and tables (ndim >= 2), never to biases,
   LayerNorm scales or LayerScale vectors.
 """
@@ -24,6 +26,14 @@ def path_mask(params, predicate):
       {k: bool(predicate("/".join(k), v)) for k, v in flat.items()})
 
 
+def is_trained(config, path: str) -> bool:
+  """Whether the parameter at ``path`` trains under ``config.frozen`` / ``config.trainable``."""
+  trainable = config.get("trainable", "")
+  if trainable and not re.search(trainable, path):
+    return False
+  return not (config.frozen and re.search(config.frozen, path))
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
   """Linear warmup to ``lr`` then cosine decay to ``lr * final_lr_fraction`` at ``steps``."""
   return optax.warmup_cosine_decay_schedule(
@@ -37,7 +47,8 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
 
   Args:
     config: ``lr, warmup_steps, steps, final_lr_fraction, b1, b2, weight_decay,
-      grad_clip, frozen`` (a regex; "" freezes nothing).
+      grad_clip, frozen`` (a regex; "" freezes nothing) and optionally
+      ``trainable`` (a regex; "" or absent trains everything not frozen).
     params: the parameter tree (arrays or ShapeDtypeStructs).
   """
   schedule = learning_rate_schedule(config)
@@ -46,12 +57,13 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
                       weight_decay=config.weight_decay, mask=decay)
   chain = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
   optimizer = optax.chain(*chain, adamw)
-  if config.frozen:
-    frozen = re.compile(config.frozen)
-    labels = path_mask(params, lambda path, leaf: bool(frozen.search(path)))
+  trainable = config.get("trainable", "")
+  if config.frozen or trainable:
+    labels = path_mask(params, lambda path, leaf: not is_trained(config, path))
     labels = jax.tree.map(lambda f: "frozen" if f else "trained", labels)
     if "trained" not in jax.tree.leaves(labels):
-      raise ValueError(f"optimizer.frozen={config.frozen!r} freezes every parameter")
+      raise ValueError(f"frozen={config.frozen!r}, trainable={trainable!r} freeze every "
+                       "parameter")
     optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
                                       labels)
   return optimizer, schedule
