@@ -300,3 +300,47 @@ def test_find_shards_accepts_every_level_of_the_tfds_layout(folder):
   assert pipeline.find_shards(name_dir) == shards
   assert pipeline.find_shards(data_dir) == shards
   assert pipeline.find_shards(os.path.join(folder, "*-00001-of-*")) == shards[1:2]
+
+
+def test_orbit_clips_hold_evenly_spaced_views_in_order(folder):
+  """VIEWS=6 orbit views, 3 frames: every other view, starting anywhere, wrapping."""
+  config = _config((folder, 1.0), example="orbit", num_frames=3, frame_resolution=8,
+                   batch_size=4)
+  batch = next(iter(pipeline.make_dataset(config)))
+  assert {k: v.shape for k, v in batch.items()} == {
+      "frames": (4, 3, 8, 8, 3), "caption": (4, pipeline.CAPTION_BYTES), "azimuth": (4, 3),
+      "elevation": (4,), "background": (4, 3), "dataset_index": (4,)}
+  assert pipeline.decode_captions(batch["caption"]) == ["a test asset"] * 4
+  starts = set()
+  for b in range(4):
+    # Opaque pixels carry the view index in blue; the frames step 2 views at a time.
+    seen = [round(batch["frames"][b, f, 0, 0, 2] * 255 / 10) for f in range(3)]
+    start = seen[0]
+    assert seen == [(start + 2 * f) % VIEWS for f in range(3)]
+    starts.add(start)
+    # The 16x16 view box-averaged to 8x8: right-most 2 columns transparent -> white.
+    expected = _pattern(seen[1]).astype(np.float32) / 255
+    alpha = expected[..., 3:]
+    composite = expected[..., :3] * alpha + (1 - alpha)
+    composite = composite.reshape(8, 2, 8, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(batch["frames"][b, 1], composite, atol=1e-5)
+    step = np.mod(np.diff(batch["azimuth"][b]), 2 * np.pi)
+    np.testing.assert_allclose(step, 2 * (2 * np.pi / VIEWS), atol=1e-5)
+  config.random_start = False
+  batch = next(iter(pipeline.make_dataset(config)))
+  assert all(round(batch["frames"][b, 0, 0, 0, 2] * 255 / 10) == 0 for b in range(4))
+
+
+def test_orbit_clips_reject_frame_counts_that_do_not_divide_the_orbit(folder):
+  config = _config((folder, 1.0), example="orbit", num_frames=4, frame_resolution=8, strict=True)
+  with pytest.raises(records.BadRecordError, match="evenly spaced"):
+    next(iter(pipeline.make_dataset(config)))
+  with pytest.raises(ValueError, match="example must be one of"):
+    pipeline.make_map_dataset(_config((folder, 1.0), example="clips"))
+
+
+def test_captions_survive_the_byte_encoding():
+  text = "a red torus — beside a cube"
+  assert pipeline.decode_captions(pipeline.encode_caption(text)[None]) == [text]
+  long = "é" * 200  # 400 bytes: cut at a character boundary
+  assert pipeline.decode_captions(pipeline.encode_caption(long)[None]) == ["é" * 128]

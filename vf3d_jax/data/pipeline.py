@@ -38,6 +38,24 @@ render_resolution[b], crop=tuple(crop[b, n]))`` and composites its colour as
 ``rgb + (1 - opacity) * background[b]``. With ``include_source_view`` the first
 supervision view is the source view itself.
 
+With ``example = "orbit"`` (the video model's loader) an element is instead
+the record's orbit (its first ``num_orbit_views`` views, in order) as a clip:
+
+=======================  ===================  ===========================================
+``frames``               [B, F, R, R, 3] f32  ``num_frames`` orbit views in [0, 1] on
+                                              ``background``, ``R = frame_resolution``
+``caption``              [B, 256] u8          UTF-8 caption, zero padded
+                                              (:func:`decode_captions`)
+``azimuth``              [B, F] f32           radians of each frame
+``elevation``            [B] f32              the orbit's elevation, radians
+``background``           [B, 3] f32           colour composited onto
+``dataset_index``        [B] i32              which mixed dataset the sample is from
+=======================  ===================  ===========================================
+
+Frames are taken every ``num_orbit_views / num_frames`` views; with
+``random_start`` the clip starts at a random orbit view (an orbit is closed,
+so every start is a valid 360-degree clip).
+
 Usage::
 
   config = pipeline.default_config()
@@ -77,6 +95,8 @@ _BAD_COUNTS: collections.Counter = collections.Counter()
 def default_config() -> ml_collections.ConfigDict:
   """Loader settings (embed as ``config.data`` in a training config)."""
   config = ml_collections.ConfigDict()
+  # "views": source + supervision views (the LRM); "orbit": orbit clips (video).
+  config.example = "views"
   # Datasets to mix: each a dict with `path` (a folder of shards, a glob, or a
   # list of shard files) and `weight` (relative sampling weight).
   config.datasets = [{"path": "", "weight": 1.0}]
@@ -110,6 +130,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.random_background_prob = 0.5
   # Distance of the canonical source camera; <= 0 keeps each source's own.
   config.canonical_distance = 1.0
+  # Orbit clips ("orbit" examples): frames per clip, their side, random start.
+  config.num_frames = 16
+  config.frame_resolution = 256
+  config.random_start = True
   # Bad records: skip with a counted warning, or raise (strict).
   config.strict = False
   # Raise anyway when more than this fraction of a 1000-record window is bad.
@@ -268,6 +292,75 @@ class MakeExample:
     }
 
 
+CAPTION_BYTES = 256
+
+
+def encode_caption(caption: str) -> np.ndarray:
+  """``[CAPTION_BYTES]`` uint8: UTF-8, cut at a character boundary, zero padded."""
+  data = caption.encode("utf-8")[:CAPTION_BYTES].decode("utf-8", "ignore").encode("utf-8")
+  out = np.zeros(CAPTION_BYTES, np.uint8)
+  out[:len(data)] = np.frombuffer(data, np.uint8)
+  return out
+
+
+def decode_captions(captions: np.ndarray) -> list[str]:
+  """``[B, CAPTION_BYTES]`` uint8 -> captions."""
+  return [bytes(row).rstrip(b"\0").decode("utf-8") for row in np.asarray(captions, np.uint8)]
+
+
+class MakeOrbitExample:
+  """Turns a tagged serialized record into an orbit clip (or None)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.num_frames = int(config.num_frames)
+    self.frame_resolution = int(config.frame_resolution)
+    self.random_start = bool(config.random_start)
+    self.background = str(config.background)
+    self.random_background_prob = float(config.random_background_prob)
+    self.strict = bool(config.strict)
+    if self.background not in ("white", "random"):
+      raise ValueError(f"background must be 'white' or 'random', got {self.background!r}")
+    if self.num_frames < 1 or self.frame_resolution < 1:
+      raise ValueError("num_frames and frame_resolution must be positive")
+
+  def __call__(self, element, rng: np.random.Generator) -> dict[str, Any] | None:
+    dataset_index, record_index, serialized = element
+    try:
+      return self._make(dataset_index, serialized, rng)
+    except records.BadRecordError as error:
+      _report_bad("record", f"{record_index} of dataset {dataset_index}", self.strict, error)
+      return None
+
+  def _make(self, dataset_index, serialized, rng):
+    record = records.parse(serialized, min_views=self.num_frames)
+    orbit = record.num_orbit_views
+    if orbit < self.num_frames or orbit % self.num_frames:
+      raise records.BadRecordError(
+          f"{orbit} orbit views cannot give {self.num_frames} evenly spaced frames")
+    stride = orbit // self.num_frames
+    start = int(rng.integers(orbit)) if self.random_start else 0
+    indices = (start + stride * np.arange(self.num_frames)) % orbit
+    background = np.ones(3, np.float32)
+    if self.background == "random" and rng.uniform() < self.random_background_prob:
+      background = rng.uniform(size=3).astype(np.float32)
+    frames = [views.resize(views.composite(records.decode_png(record.images[i]), background)[0],
+                           self.frame_resolution) for i in indices]
+    elevation = record.elevation_estimate
+    if not np.isfinite(elevation):
+      elevation = float(np.mean(record.elevation[:orbit]))
+    return {
+        "frames": np.stack(frames).astype(np.float32),
+        "caption": encode_caption(record.caption),
+        "azimuth": record.azimuth[indices].astype(np.float32),
+        "elevation": np.float32(elevation),
+        "background": background,
+        "dataset_index": np.int32(dataset_index),
+    }
+
+
+_EXAMPLES = {"views": MakeExample, "orbit": MakeOrbitExample}
+
+
 def _shard_options(config) -> tuple[int, int]:
   index, count = int(config.shard_index), int(config.shard_count)
   if index < 0 or count < 0:
@@ -298,7 +391,10 @@ def make_map_dataset(config: ml_collections.ConfigDict) -> grain.MapDataset:
     parts.append(dataset)
     weights.append(float(entry.get("weight", 1.0)))
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  return mixed.random_map(MakeExample(config), seed=int(config.seed)).filter(_is_example)
+  if config.example not in _EXAMPLES:
+    raise ValueError(f"example must be one of {sorted(_EXAMPLES)}, got {config.example!r}")
+  make = _EXAMPLES[config.example](config)
+  return mixed.random_map(make, seed=int(config.seed)).filter(_is_example)
 
 
 def make_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
