@@ -7,7 +7,6 @@ Re-running the same command resumes from the latest checkpoint in --workdir.
 See configs/lrm.py for every setting and vf3d_jax/training/lrm_trainer.py for the loop.
 """
 
-import logging as pylogging
 import os
 import sys
 
@@ -16,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vf3d_jax.training import loop
 from vf3d_jax.training import lrm_trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,18 +25,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images
                                required=True)
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops the INFO chatter of Orbax and Grain; their warnings and errors stay."""
-
-  def filter(self, record):
-    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= pylogging.WARNING or not noisy
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(loop.QuietLibraries())
   try:
     lrm_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (lrm_trainer.TrainingDiverged, ValueError, FileNotFoundError) as e:
