@@ -31,8 +31,9 @@ ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
 
 
-def save_pretrained(directory: str | os.PathLike, arch: LRMArch, params) -> str:
-  """Writes ``arch`` and ``params`` as our pretrained directory; returns its path."""
+def write_model_dir(directory: str | os.PathLike, meta: dict[str, dict], params) -> str:
+  """Writes JSON files (``meta``: file name -> content) and an Orbax ``params/``
+  into a new directory, atomically (via ``<dir>.tmp-<pid>`` and a rename)."""
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory):
     raise FileExistsError(f"{directory} already exists; remove it or choose another --output")
@@ -40,8 +41,9 @@ def save_pretrained(directory: str | os.PathLike, arch: LRMArch, params) -> str:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    with open(os.path.join(tmp, ARCH_FILE), "w") as f:
-      json.dump(arch.to_dict(), f, indent=2)
+    for name, content in meta.items():
+      with open(os.path.join(tmp, name), "w") as f:
+        json.dump(content, f, indent=2)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, PARAMS_DIR), jax.tree.map(np.asarray, params))
     checkpointer.wait_until_finished()
@@ -49,6 +51,22 @@ def save_pretrained(directory: str | os.PathLike, arch: LRMArch, params) -> str:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return directory
+
+
+def restore_params(directory: str | os.PathLike, shapes):
+  """The ``params/`` of a model directory, restored to the tree ``shapes``."""
+  directory = os.path.abspath(os.fspath(directory))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+  try:
+    return ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+  except Exception as e:  # orbax raises several kinds for damaged directories
+    raise CheckpointError(f"{directory}: cannot restore parameters ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def save_pretrained(directory: str | os.PathLike, arch: LRMArch, params) -> str:
+  """Writes ``arch`` and ``params`` as our pretrained directory; returns its path."""
+  return write_model_dir(directory, {ARCH_FILE: arch.to_dict()}, params)
 
 
 def is_pretrained_dir(path: str | os.PathLike) -> bool:
@@ -62,13 +80,7 @@ def load_pretrained(directory: str | os.PathLike):
     raise CheckpointError(f"{directory}: not a vf3d_jax pretrained directory (no {ARCH_FILE})")
   with open(os.path.join(directory, ARCH_FILE)) as f:
     arch = LRMArch.from_dict(json.load(f))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_shapes(arch))
-  try:
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
-  except Exception as e:  # orbax raises several kinds for damaged directories
-    raise CheckpointError(f"{directory}: cannot restore parameters ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-  return arch, params
+  return arch, restore_params(directory, param_shapes(arch))
 
 
 def load_lrm(path: str | os.PathLike, **arch_overrides):

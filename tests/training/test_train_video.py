@@ -1,0 +1,168 @@
+"""The video training job: both stages, adapters-only training, resume, export, sampling."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import render as render_configs
+from configs import video as video_configs
+from vf3d_jax.data import render_orbits
+from vf3d_jax.training import video_trainer
+from vf3d_jax.video import cli
+from vf3d_jax.video import model as model_lib
+from vf3d_jax.video import sampling
+from vf3d_jax.weights.rules import flat
+
+FRAMES, SIZE = 4, 16
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+  root = tmp_path_factory.mktemp("orbits")
+  paths = {}
+  for name, seed, count in (("train", 0, 4), ("eval", 7, 2)):
+    config = render_configs.get_config("tiny")  # 8 orbit views
+    config.output_dir, config.name, config.seed, config.num_assets = str(root), name, seed, count
+    config.resolution = 32
+    paths[name] = render_orbits.render_dataset(config)
+  return paths
+
+
+def _config(stage: str, records, **train):
+  config = video_configs.get_config("tiny_image" if stage == "image" else "tiny")
+  config.model.update(block_out_channels=(8, 16), attention_levels=(False, True),
+                      attention_heads=2, cross_attention_dim=16, norm_num_groups=4,
+                      motion_heads=2)
+  config.text.update(width=16, vocab_size=64, max_length=8)
+  config.data.update(train=records["train"], eval=records["eval"], num_frames=FRAMES,
+                     frame_resolution=SIZE, num_workers=0)
+  config.train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=1, sample_every=2,
+                      warmup_steps=1)
+  config.train.update(**train)
+  config.sample.update(num_steps=2, num_videos=2)
+  config.num_devices = 1
+  return config
+
+
+@pytest.fixture(scope="module")
+def image_run(records, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("image"))
+  video_trainer.train_and_evaluate(_config("image", records), workdir)
+  return workdir
+
+
+def test_image_stage_trains_exports_and_writes_samples(image_run):
+  lines = [json.loads(l) for l in open(os.path.join(image_run, "metrics.jsonl"))]
+  assert [l["step"] for l in lines if "loss" in l] == [1, 2]
+  assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)
+  assert any("sample/seconds_per_clip" in l for l in lines)
+  assert os.listdir(os.path.join(image_run, "images"))
+  model, params = model_lib.load_export(os.path.join(image_run, "export"))
+  assert set(params) == {"unet", "text"}
+  assert not model.spec.unet.motion_modules
+
+
+def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tmp_path):
+  config = _config("video", records)
+  config.init.unet = os.path.join(image_run, "export")
+  model = model_lib.VideoModel(model_lib.spec_from_config(config))
+  start = flat(model_lib.initial_params(model, jax.random.key(config.seed),
+                                        unet=config.init.unet))
+  image = flat(model_lib.load_export(config.init.unet)[1])
+  workdir = str(tmp_path / "video")
+  config.train.steps = 1
+  video_trainer.train_and_evaluate(config, workdir)  # stops after step 1
+  config.train.steps = 2
+  video_trainer.train_and_evaluate(config, workdir)  # resumes from step 1
+  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))
+           if "loss" in json.loads(l)]
+  assert steps == [1, 2]
+  _, trained = model_lib.load_export(os.path.join(workdir, "export"))
+  trained = flat(trained)
+  assert trained.keys() == start.keys()
+  adapters = [p for p in trained if video_trainer.optim.is_trained(config.train, p)]
+  assert adapters and all("temporal_conv" in p or "motion_modules" in p or "conv_in_cond" in p
+                          for p in adapters)
+  for path, value in trained.items():
+    if path in adapters:
+      continue
+    # Frozen: bit-identical to the image stage's export.
+    np.testing.assert_array_equal(value, image[path], err_msg=path)
+  moved = [p for p in adapters if not np.array_equal(trained[p], start[p])]
+  assert len(moved) > len(adapters) // 2
+
+  # The same run without the interruption gives the same adapters.
+  straight = str(tmp_path / "straight")
+  video_trainer.train_and_evaluate(config, straight)
+  _, again = model_lib.load_export(os.path.join(straight, "export"))
+  for path, value in flat(again).items():
+    np.testing.assert_array_equal(value, trained[path], err_msg=path)
+
+  # sample_video on the export: a folder per image with frames and an mp4.
+  out = str(tmp_path / "samples")
+  sample_config = video_configs.get_config("tiny")
+  sample_config.sample.update(num_steps=2)
+  folders = cli.sample_to_folder(sample_config, model_path=workdir, output=out,
+                                 prompts=["a red sphere", "a cube"])
+  assert [os.path.basename(f) for f in folders] == ["prompt_00", "prompt_01"]
+  assert sorted(os.listdir(folders[0])) == [f"frame_{i:02d}.png" for i in range(FRAMES)] + [
+      "orbit.mp4"]
+
+
+def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):
+  """With fresh (identity) adapters the video model reproduces its image model."""
+  config = _config("video", records)
+  video = model_lib.VideoModel(model_lib.spec_from_config(config))
+  image, image_params = model_lib.load_export(os.path.join(image_run, "export"))
+  params = model_lib.initial_params(video, jax.random.key(3),
+                                    unet=os.path.join(image_run, "export"))
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (2, FRAMES, SIZE, SIZE, 3))
+  t = jnp.array([10, 900])
+  context = video.context(params, {}, jnp.asarray(video.tokenize(["a cube", "a torus"])))
+  condition = video.first_frame_condition(jax.random.normal(key, x.shape), jnp.array([True, False]))
+  got = video.apply(params, x, t, context, condition)
+  per_frame = jax.vmap(lambda xf: image.apply(image_params, xf[:, None], t, context, None)[:, 0],
+                       in_axes=1, out_axes=1)(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(per_frame), atol=1e-5)
+
+
+def test_first_frame_condition_layout():
+  config = video_configs.get_config("tiny")
+  model = model_lib.VideoModel(model_lib.spec_from_config(config))
+  latents = jnp.arange(2 * 3 * 2 * 2 * 3, dtype=jnp.float32).reshape(2, 3, 2, 2, 3) + 1
+  cond = np.asarray(model.first_frame_condition(latents, jnp.array([True, False])))
+  assert cond.shape == (2, 3, 2, 2, 4)
+  np.testing.assert_array_equal(cond[0, 0, ..., :3], latents[0, 0])
+  np.testing.assert_array_equal(cond[0, 0, ..., 3], 1.0)
+  np.testing.assert_array_equal(cond[0, 1:], 0.0)
+  np.testing.assert_array_equal(cond[1], 0.0)  # dropped image: all zeros
+
+
+def test_consistency_scores_rank_a_turning_orbit_above_a_static_one():
+  rng = np.random.default_rng(0)
+  truth = rng.uniform(size=(2, 4, 16, 16, 3)).astype(np.float32)
+  perfect = video_trainer.consistency_scores(truth + 0.01, truth)
+  static = video_trainer.consistency_scores(np.repeat(truth[:, :1], 4, axis=1), truth)
+  assert perfect["orbit_psnr"] == pytest.approx(40.0, abs=0.1)
+  assert perfect["orbit_psnr"] > perfect["static_psnr"] + 20
+  assert static["orbit_psnr"] == pytest.approx(static["static_psnr"])
+
+
+def test_sampling_is_deterministic_per_seed_and_checks_inputs(image_run):
+  model, params = model_lib.load_export(os.path.join(image_run, "export"))
+  options = sampling.SampleOptions(num_steps=2, sampler="dpm_solver_pp")
+  a = sampling.sample_clips(model, params, {}, ["a cube"], jax.random.key(1), options=options)
+  b = sampling.sample_clips(model, params, {}, ["a cube"], jax.random.key(1), options=options)
+  assert a.shape == (1, model.spec.num_frames, SIZE, SIZE, 3)
+  assert a.min() >= 0 and a.max() <= 1
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="no first-frame conditioning"):
+    sampling.sample_clips(model, params, {}, ["a cube"], jax.random.key(1),
+                          first_frames=np.zeros((1, SIZE, SIZE, 3)), options=options)
+  with pytest.raises(ValueError, match="sampler must be one of"):
+    sampling.SampleOptions(sampler="euler")

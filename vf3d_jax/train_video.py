@@ -1,0 +1,45 @@
+r"""Trains the multi-view video model: the image UNet, then its temporal adapters.
+
+  python -m vf3d_jax.train_video --config configs/video.py:tiny_image --workdir runs/image \
+      --config.data.train=data/orbits/1.0.0 --config.data.eval=data/orbits_eval/1.0.0
+  python -m vf3d_jax.train_video --config configs/video.py:tiny --workdir runs/video \
+      --config.data.train=data/orbits/1.0.0 --config.data.eval=data/orbits_eval/1.0.0 \
+      --config.init.unet=runs/image/export
+
+Re-running the same command resumes from the latest checkpoint in --workdir; a
+finished run leaves its model in <workdir>/export. See configs/video.py for
+every setting and vf3d_jax/training/video_trainer.py for the loop.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from vf3d_jax.training import loop
+from vf3d_jax.training import video_trainer
+from vf3d_jax.weights.state_dict import CheckpointError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "video.py:tiny"), "Video model config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, samples and the export.",
+                               required=True)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(loop.QuietLibraries())
+  try:
+    video_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (loop.TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,337 @@
+"""Training the video model: the image UNet (stage "image") or its temporal adapters.
+
+``train_and_evaluate(config, workdir)`` is the whole job (``python -m
+vf3d_jax.train_video`` parses flags and calls it). Per step, for a batch of
+orbit clips ``[B, F, R, R, 3]`` and their captions:
+
+* stage ``"image"``: the clips' frames are independent images ``[B F, 1, ...]``
+  with their caption (dropped to the empty prompt with probability
+  ``p_drop_text + p_drop_both``); the UNet learns to denoise them;
+* stage ``"video"``: whole clips, conditioned on the caption and on the first
+  frame (its latent at frame 0 plus a frame mask), each dropped for guidance
+  as ``train.p_drop_*`` say; only ``train.trainable`` (the adapters) updates.
+
+Only the trainable parameters and their optimizer state are in the train
+state: the rest (the frozen image UNet, the VAE, the CLIP text encoder) is
+loaded from ``config.init`` / ``config.latent`` / ``config.text`` at start and
+passed to the step as constants, so a step computes no gradient for them and
+checkpoints stay small. Checkpoints (Orbax, ``workdir/checkpoints``) hold the
+train state and the data iterator; the job resumes from the latest one, saves
+on SIGTERM, stops with a clear message when the loss is not finite, writes
+samples (a PNG grid, an mp4) of held-out clips every ``train.sample_every``
+steps with their consistency scores, and at the end exports the full model to
+``workdir/export`` for sampling or the next stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vf3d_jax.data import pipeline
+from vf3d_jax.diffusion import guidance
+from vf3d_jax.diffusion import schedule as schedule_lib
+from vf3d_jax.evaluation import metrics as metrics_lib
+from vf3d_jax.training import loop
+from vf3d_jax.training import lrm_data
+from vf3d_jax.training import optim
+from vf3d_jax.training import sharding
+from vf3d_jax.training.loop import Checkpointer, TrainState
+from vf3d_jax.training.metric_writer import MetricWriter
+from vf3d_jax.video import model as model_lib
+from vf3d_jax.video import sampling
+from vf3d_jax.weights.rules import flat, unflat
+
+STAGES = ("image", "video")
+# What the train step reads; the loader's other keys stay on the host.
+BATCH_KEYS = ("frames", "tokens")
+
+
+def split_params(config, params) -> tuple[dict, dict]:
+  """``params`` -> ``(trainable, frozen)`` trees by ``train.trainable/frozen``."""
+  trainable, frozen = {}, {}
+  for path, leaf in flat(params).items():
+    (trainable if optim.is_trained(config.train, path) else frozen)[path] = leaf
+  if not trainable:
+    raise ValueError(f"train.trainable={config.train.trainable!r} (frozen="
+                     f"{config.train.frozen!r}) selects no parameter")
+  return unflat(trainable), unflat(frozen)
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+  """The inverse of :func:`split_params`."""
+  return unflat({**flat(frozen), **flat(trainable)})
+
+
+def _data_config(config, spec: str, *, batch_size: int, seed: int, shard_index: int,
+                 shard_count: int, random_start: bool = True):
+  data = pipeline.default_config()
+  data.example = "orbit"
+  data.datasets = lrm_data.parse_datasets(spec)
+  data.seed = seed
+  data.batch_size = batch_size
+  data.num_workers = config.data.num_workers
+  data.shard_index = shard_index
+  data.shard_count = shard_count
+  data.num_frames = config.data.num_frames
+  data.frame_resolution = config.data.frame_resolution
+  data.random_start = random_start
+  data.background = config.data.background
+  data.strict = config.data.strict
+  return data
+
+
+class _Select:
+  """Keeps the clip and caption (picklable for worker processes)."""
+
+  def __call__(self, batch):
+    return {"frames": batch["frames"], "caption": batch["caption"]}
+
+
+def make_train_iterator(config, *, batch_size: int, seed: int, shard_index: int = 0,
+                        shard_count: int = 1):
+  """An endless, checkpointable iterator of orbit clips and captions."""
+  if not config.data.train:
+    raise ValueError("data.train is empty: give orbit record folders as 'path[:weight],...' "
+                     "(make them with `python -m tools.render_orbits`)")
+  data = _data_config(config, config.data.train, batch_size=batch_size, seed=seed,
+                      shard_index=shard_index, shard_count=shard_count)
+  return iter(pipeline.make_dataset(data).map(_Select()))
+
+
+def load_eval_clips(config, count: int) -> dict[str, np.ndarray]:
+  """The first ``count`` held-out clips (start at orbit view 0, white background)."""
+  data = _data_config(config, config.data.eval, batch_size=count, seed=0, shard_index=0,
+                      shard_count=1, random_start=False)
+  data.num_workers = 0
+  data.num_epochs = 1
+  data.drop_remainder = False
+  data.background = "white"
+  batch = next(iter(pipeline.make_dataset(data)))
+  return {"frames": batch["frames"][:count], "caption": batch["caption"][:count]}
+
+
+def compute_loss(trainable, frozen, encoders, batch, key, *, model: model_lib.VideoModel,
+                 config, null_tokens):
+  """The diffusion loss of one batch (see the module docstring)."""
+  params = merge_params(trainable, frozen)
+  key_vae, key_drop, key_loss = jax.random.split(key, 3)
+  t = config.train
+  x0 = model.encode(encoders, batch["frames"], key=key_vae)
+  context = model.context(params, encoders, batch["tokens"])
+  null_context = model.context(params, encoders, null_tokens)
+  batch_size, frames = x0.shape[:2]
+  if config.stage == "image":
+    x0 = x0.reshape((batch_size * frames, 1) + x0.shape[2:])
+    context = jnp.repeat(context, frames, axis=0)
+    placeholder = jnp.zeros((context.shape[0], 1), jnp.float32)
+    context, _ = guidance.drop_conditions(key_drop, context, null_context, placeholder,
+                                          p_text=t.p_drop_text + t.p_drop_both, p_image=0.0,
+                                          p_both=0.0)
+    condition = None
+  else:
+    condition = model.first_frame_condition(x0, jnp.ones((batch_size,), bool))
+    context, condition = guidance.drop_conditions(
+        key_drop, context, null_context, condition, p_text=t.p_drop_text,
+        p_image=t.p_drop_image, p_both=t.p_drop_both)
+  model_fn = lambda x_t, timesteps: model.apply(params, x_t, timesteps, context, condition)
+  loss, aux = schedule_lib.diffusion_loss(model.schedule, model_fn, x0, key_loss,
+                                          weighting=config.diffusion.weighting)
+  return loss, {"mean_t": jnp.mean(aux["timesteps"].astype(jnp.float32))}
+
+
+def train_step(state: TrainState, frozen, encoders, batch, base_key, *, optimizer, schedule,
+               loss_fn):
+  """One optimisation step of the trainable parameters."""
+  key = jax.random.fold_in(base_key, state.step)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, frozen, encoders, batch, key)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+             "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates),
+             "lr": schedule(state.step)}
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+  """How well sampled orbits follow the true orbits of their first frames.
+
+  ``orbit_psnr`` / ``orbit_ssim``: frame ``k`` of the sample against frame ``k``
+  of the held-out render, over ``k >= 1``. ``static_psnr`` / ``static_ssim``:
+  the same with the sample replaced by the first true frame repeated, the
+  score of a model that does not turn the object at all. A model that turns
+  the object as the renders do beats the static score.
+  """
+  pred = jnp.asarray(samples[:, 1:])
+  target = jnp.asarray(truth[:, 1:])
+  static = jnp.broadcast_to(jnp.asarray(truth[:, :1]), target.shape)
+  return {"orbit_psnr": float(jnp.mean(metrics_lib.psnr(pred, target))),
+          "orbit_ssim": float(jnp.mean(metrics_lib.ssim(pred, target))),
+          "static_psnr": float(jnp.mean(metrics_lib.psnr(static, target))),
+          "static_ssim": float(jnp.mean(metrics_lib.ssim(static, target)))}
+
+
+def clip_grid(rows: list[np.ndarray]) -> np.ndarray:
+  """``[F, R, R, 3]`` clips -> one image, a clip per row."""
+  return np.concatenate([np.concatenate(list(clip), axis=1) for clip in rows], axis=0)
+
+
+class Sampler:
+  """Samples held-out clips during training, scores them and writes them out."""
+
+  def __init__(self, config, model: model_lib.VideoModel, writer: MetricWriter, workdir: str):
+    self.config, self.model, self.writer = config, model, writer
+    self.folder = os.path.join(workdir, "samples")
+    self.options = sampling.SampleOptions.from_config(config.sample)
+    self.clips = load_eval_clips(config, config.sample.num_videos) if config.data.eval else None
+
+  def __call__(self, params, encoders, step: int) -> dict[str, float]:
+    key = jax.random.key(self.config.seed + 7)
+    if self.clips is not None:
+      prompts = pipeline.decode_captions(self.clips["caption"])
+      truth = self.clips["frames"]
+    else:
+      prompts = ["an object"] * self.config.sample.num_videos
+      truth = None
+    video = self.config.stage == "video"
+    first = truth[:, 0] if (video and truth is not None) else None
+    start = time.perf_counter()
+    samples = sampling.sample_clips(self.model, params, encoders, prompts, key,
+                                    first_frames=first, options=self.options)
+    seconds = time.perf_counter() - start
+    scores = {"sample/seconds_per_clip": seconds / len(prompts)}
+    if video and truth is not None:
+      scores.update({f"sample/{k}": v for k, v in consistency_scores(samples, truth).items()})
+    self.writer.write_scalars(step, scores)
+    rows = [r for pair in zip(truth, samples) for r in pair] if truth is not None else list(samples)
+    self.writer.write_images(step, {"samples": clip_grid(rows)})
+    from vf3d_jax.inference.pipeline import write_video  # pylint: disable=g-import-not-at-top
+    os.makedirs(self.folder, exist_ok=True)
+    write_video(np.concatenate(list(samples), axis=2) if video else samples[0],
+                os.path.join(self.folder, f"samples_{step:07d}.mp4"), self.config.sample.fps)
+    logging.info("samples at step %d: %s", step, scores)
+    return scores
+
+
+def _check_config(config, model: model_lib.VideoModel) -> None:
+  if config.stage not in STAGES:
+    raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
+  arch = model.spec.unet
+  has_adapters = arch.temporal_conv or arch.motion_modules or arch.condition_channels
+  if config.stage == "image" and has_adapters:
+    raise ValueError("stage 'image' trains the image UNet: set model.temporal_conv, "
+                     "model.motion_modules to False and model.condition_channels to 0")
+  if config.stage == "video" and not arch.condition_channels:
+    raise ValueError("stage 'video' needs first-frame conditioning (model.condition_channels)")
+
+
+def export_model(workdir: str, spec: model_lib.VideoSpec, params) -> str:
+  """Writes ``workdir/export`` (replacing an older one) for sampling or the next stage."""
+  target = os.path.join(workdir, "export")
+  if os.path.exists(target):
+    shutil.rmtree(target)
+  return model_lib.save_export(target, spec, jax.device_get(params))
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Trains (or resumes training) in ``workdir``; returns the final state."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.num_devices or None)
+  devices = mesh.shape[sharding.DATA_AXIS]
+  if config.train.batch_size % devices:
+    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                     f"{devices} devices")
+  spec = model_lib.spec_from_config(config)
+  model = model_lib.VideoModel(spec, dtype=jnp.dtype(config.dtype), remat=config.train.remat)
+  _check_config(config, model)
+  rng = jax.random.key(config.seed)
+  params = model_lib.initial_params(model, rng, unet=config.init.unet, motion=config.init.motion)
+  trainable, frozen = split_params(config, params)
+  del params
+  encoders = model.load_encoders()
+  optimizer, schedule = optim.make_optimizer(config.train, trainable)
+  # Every trainable leaf is trained: the optimizer needs no freezing of its own.
+  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+                            trainable)
+  state_sharding = sharding.tree_shardings(mesh, abstract, config.train.fsdp)
+  replicated = sharding.replicated(mesh)
+  frozen = jax.device_put(frozen, sharding.tree_shardings(mesh, frozen, config.train.fsdp))
+  encoders = jax.device_put(encoders, replicated)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract, state_sharding)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  checkpointer = Checkpointer(workdir, config)
+  iterator = make_train_iterator(config, batch_size=config.train.batch_size // jax.process_count(),
+                                 seed=config.seed, shard_index=jax.process_index(),
+                                 shard_count=jax.process_count())
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state = checkpointer.restore(latest, abstract, iterator)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+                    out_shardings=state_sharding)(trainable)
+  del trainable
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  logging.info("stage %s: %s trainable, %s frozen parameters, %d devices", config.stage,
+               f"{count(state.params):,}", f"{count(frozen):,}", devices)
+
+  null_tokens = jnp.asarray(model.tokenize([""]))
+  loss_fn = functools.partial(compute_loss, model=model, config=config, null_tokens=null_tokens)
+  step_fn = jax.jit(
+      functools.partial(train_step, optimizer=optimizer, schedule=schedule, loss_fn=loss_fn),
+      in_shardings=(state_sharding, None, replicated, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  sampler = Sampler(config, model, writer, workdir) if config.train.sample_every else None
+  base_key = jax.random.key(config.seed + 1)
+  step = int(state.step)
+  last_log, last_log_step = time.perf_counter(), step
+  with loop.Preemption() as preemption:
+    while step < config.train.steps:
+      raw = next(iterator)
+      tokens = model.tokenize(pipeline.decode_captions(raw["caption"]))
+      batch = sharding.global_batch(mesh, {"frames": raw["frames"], "tokens": tokens})
+      state, metrics = step_fn(state, frozen, encoders, batch, base_key)
+      step += 1
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        metrics = jax.device_get(metrics)
+        loop.check_finite(step, metrics)
+        now = time.perf_counter()
+        metrics["clips_per_s"] = (step - last_log_step) * config.train.batch_size / (now - last_log)
+        last_log, last_log_step = now, step
+        writer.write_scalars(step, metrics)
+        logging.info("step %d: %s", step, ", ".join(f"{k}={float(v):.4g}"
+                                                     for k, v in sorted(metrics.items())))
+      if sampler is not None and (step % config.train.sample_every == 0
+                                  or step == config.train.steps):
+        sampler(merge_params(state.params, frozen), encoders, step)
+        last_log = time.perf_counter()  # sampling time is not training throughput
+      if (step % config.train.checkpoint_every == 0 or step == config.train.steps
+          or preemption.requested):
+        checkpointer.save(step, state, iterator, {"step": step}, force=True)
+      if preemption.requested:
+        logging.warning("SIGTERM: saved step %d, exiting", step)
+        break
+  checkpointer.close()
+  writer.close()
+  if step >= config.train.steps and jax.process_index() == 0:
+    path = export_model(workdir, spec, merge_params(state.params, frozen))
+    logging.info("exported the model to %s", path)
+  return state
+
+
+def load_trained(workdir: str) -> tuple[model_lib.VideoModel, dict[str, Any]]:
+  """The exported model of a finished run: ``(model, params)``."""
+  return model_lib.load_export(os.path.join(workdir, "export"))

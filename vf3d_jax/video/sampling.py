@@ -1,0 +1,114 @@
+"""Orbit videos from prompts and/or first frames.
+
+``sample_clips`` runs the whole reverse process as one jitted function: the
+text encodings, the first-frame condition, the sampler's ``lax`` loop with
+two-way classifier-free guidance (one batched UNet call of three passes a
+step: no condition, image only, image and text), and the decoding to frames.
+Without a first frame the image condition is the null one, so the guidance
+reduces to ordinary text guidance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vf3d_jax.diffusion import guidance
+from vf3d_jax.diffusion import samplers
+from vf3d_jax.video.model import VideoModel
+
+SAMPLERS = ("ddim", "dpm_solver_pp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+  """How to sample (``config.sample`` holds the same fields)."""
+  # "ddim" or "dpm_solver_pp" (2M).
+  sampler: str = "ddim"
+  # Model evaluations (each a batched call of the guidance passes).
+  num_steps: int = 25
+  # DDIM's eta (0: deterministic).
+  eta: float = 0.0
+  # Two-way guidance weights.
+  image_scale: float = 2.0
+  text_scale: float = 5.0
+
+  @classmethod
+  def from_config(cls, config) -> "SampleOptions":
+    return cls(sampler=config.sampler, num_steps=int(config.num_steps), eta=float(config.eta),
+               image_scale=float(config.image_scale), text_scale=float(config.text_scale))
+
+  def __post_init__(self):
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+    if self.num_steps < 1:
+      raise ValueError("num_steps must be at least 1")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample(model: VideoModel, options: SampleOptions, params, encoders, tokens, null_tokens,
+            first_frames, has_image, key):
+  batch = tokens.shape[0]
+  key_noise, key_vae, key_eta = jax.random.split(key, 3)
+  context = model.context(params, encoders, tokens)
+  context_null = model.context(params, encoders, null_tokens)
+  shape = model.latent_shape(batch)
+  if model.spec.unet.condition_channels:
+    first = model.encode(encoders, first_frames[:, None], key=key_vae)
+    first = jnp.broadcast_to(first, shape)
+    condition = model.first_frame_condition(first, has_image)
+  else:  # a text-only model: the condition is ignored by the UNet
+    condition = jnp.zeros(shape[:-1] + (1,), jnp.float32)
+  apply_fn = lambda x, t, c, cond: model.apply(params, x, t, c, cond)
+  model_fn = guidance.guided_model_fn(
+      apply_fn, context=context, context_null=context_null, condition=condition,
+      condition_null=jnp.zeros_like(condition), image_scale=options.image_scale,
+      text_scale=options.text_scale)
+  x_T = jax.random.normal(key_noise, shape, jnp.float32)
+  if options.sampler == "ddim":
+    latents = samplers.ddim_sample(model_fn, model.schedule, x_T, options.num_steps,
+                                   eta=options.eta, key=key_eta if options.eta else None)
+  else:
+    latents = samplers.dpm_solver_pp_sample(model_fn, model.schedule, x_T, options.num_steps)
+  return model.decode(encoders, latents)
+
+
+def sample_clips(model: VideoModel, params, encoders, prompts, key, *, first_frames=None,
+                 options: SampleOptions = SampleOptions()) -> np.ndarray:
+  """Samples one orbit clip per prompt.
+
+  Args:
+    model: the video model.
+    params, encoders: its trainable and frozen parameters.
+    prompts: ``B`` captions ("" for none).
+    key: PRNG key (the noise, and the VAE's posterior sample).
+    first_frames: ``[B, R, R, 3]`` in [0, 1] to start the orbits from, or None;
+      a NaN-filled frame means "no image" for that example.
+    options: sampler and guidance settings.
+
+  Returns:
+    ``[B, F, R, R, 3]`` float32 frames in [0, 1].
+  """
+  prompts = list(prompts)
+  batch = len(prompts)
+  tokens = jnp.asarray(model.tokenize(prompts))
+  null_tokens = jnp.asarray(model.tokenize([""]))
+  size = model.spec.resolution
+  if first_frames is None:
+    frames = np.zeros((batch, size, size, 3), np.float32)
+    has_image = np.zeros(batch, bool)
+  else:
+    frames = np.asarray(first_frames, np.float32)
+    if frames.shape != (batch, size, size, 3):
+      raise ValueError(f"first_frames must be [{batch}, {size}, {size}, 3], got {frames.shape}")
+    has_image = ~np.isnan(frames).any(axis=(1, 2, 3))
+    frames = np.nan_to_num(frames)
+  if has_image.any() and not model.spec.unet.condition_channels:
+    raise ValueError("this model has no first-frame conditioning (condition_channels=0)")
+  out = _sample(model, options, params, encoders, tokens, null_tokens, jnp.asarray(frames),
+                jnp.asarray(has_image), key)
+  return np.asarray(out)
