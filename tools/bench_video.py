@@ -31,6 +31,7 @@ from vf3d_jax.diffusion import samplers
 from vf3d_jax.diffusion import schedule as schedule_lib
 from vf3d_jax.models import unet as unet_lib
 from vf3d_jax.training import optim
+from vf3d_jax.training import video_trainer
 
 _VARIANT = flags.DEFINE_string("variant", "sd15", "configs/video.py variant: sd15 or tiny.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Clips per training step.")
@@ -52,16 +53,10 @@ def main(argv):
   schedule = schedule_lib.make_schedule(zero_terminal_snr=True, prediction_type="v_prediction")
   params = jax.jit(functools.partial(unet_lib.init_params, arch, frames=2, size=size))(
       jax.random.key(0))
-  trainable = {k: v for k, v in params.items()}
-  mask = unet_lib.adapter_mask(params)
-  split = lambda p, keep: jax.tree.map(lambda x, m: x if m == keep else None, p, mask)
-  adapters, frozen = split(params, True), split(params, False)
-  merge = lambda a, f: jax.tree.map(lambda x, y: x if y is None else y, f, a,
-                                    is_leaf=lambda x: x is None)
-  del trainable
-  train = config.train
-  train.trainable = ""
-  optimizer, _ = optim.make_optimizer(train, adapters)
+  # config.train.trainable selects the adapters, as in training.
+  adapters, frozen = video_trainer.split_params(config, {"unet": params})
+  merge = lambda a, f: video_trainer.merge_params(a, f)["unet"]
+  optimizer, _ = optim.make_optimizer(config.train, adapters)
   opt_state = optimizer.init(adapters)
   model = unet_lib.UNet(arch, dtype=dtype, remat=_REMAT.value)
   shape = (batch, frames, size, size, arch.in_channels)
@@ -96,12 +91,13 @@ def main(argv):
     return samplers.ddim_sample(model_fn, schedule, jax.random.normal(key, shape), _STEPS.value)
 
   params = merge(adapters, frozen)
+  adapter_count = unet_lib.count_params(adapters)
   sample_s = median_seconds(sample, params, context, condition, key, iters=max(1, _ITERS.value // 2))
   print(json.dumps({
       "variant": _VARIANT.value, "device": str(jax.devices()[0].device_kind),
       "dtype": _DTYPE.value, "batch": batch, "frames": frames, "latent": list(shape[2:]),
       "unet_params": unet_lib.count_params(params),
-      "adapter_params": unet_lib.count_params(adapters),
+      "adapter_params": adapter_count,
       "train_step_s": round(step_s, 4), "train_clips_per_s": round(batch / step_s, 3),
       "train_peak_gib": train_peak, "sample_steps": _STEPS.value,
       "sample_s_per_clip": round(sample_s / batch, 4), "peak_gib": peak_gib()}, indent=1))

@@ -74,6 +74,7 @@ def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tm
                                         unet=config.init.unet))
   image = flat(model_lib.load_export(config.init.unet)[1])
   workdir = str(tmp_path / "video")
+  config.train.sample_every = 0  # sampling is covered by the image stage and the CLI below
   config.train.steps = 1
   video_trainer.train_and_evaluate(config, workdir)  # stops after step 1
   config.train.steps = 2
