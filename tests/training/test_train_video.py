@@ -18,6 +18,8 @@ from vf3d_jax.video import sampling
 from vf3d_jax.weights.rules import flat
 
 FRAMES, SIZE = 4, 16
+# One worker runs this module, so the trained image stage (a module fixture) is built once.
+pytestmark = pytest.mark.xdist_group("video_training")
 
 
 @pytest.fixture(scope="module")
