@@ -169,3 +169,67 @@ def test_sampling_is_deterministic_per_seed_and_checks_inputs(image_run):
                           first_frames=np.zeros((1, SIZE, SIZE, 3)), options=options)
   with pytest.raises(ValueError, match="sampler must be one of"):
     sampling.SampleOptions(sampler="euler")
+
+
+def _sd_folder(root):
+  """A Stable-Diffusion-layout folder of tiny random models: unet/, vae/, text_encoder/, tokenizer/."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tests.models.test_text import _write_tokenizer_files  # pylint: disable=g-import-not-at-top
+  from vf3d_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from vf3d_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from vf3d_jax.weights import sd_unet, sd_vae  # pylint: disable=g-import-not-at-top
+  from vf3d_jax.weights.state_dict import write_safetensors  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  random = lambda shapes: jax.tree.map(
+      lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  image_arch = unet_lib.UNetArch(in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                 attention_levels=(False, True), layers_per_block=1,
+                                 attention_heads=2, cross_attention_dim=32, norm_num_groups=4)
+  unet_params = random(unet_lib.param_shapes(image_arch))
+  os.makedirs(os.path.join(root, "unet"))
+  write_safetensors(sd_unet.unet_to_state_dict(unet_params),
+                    os.path.join(root, "unet", "diffusion_pytorch_model.safetensors"))
+  vae_arch = vae_lib.VAEArch.tiny()
+  os.makedirs(os.path.join(root, "vae"))
+  write_safetensors(sd_vae.vae_to_state_dict(random(vae_lib.param_shapes(vae_arch))),
+                    os.path.join(root, "vae", "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(root, "vae", "config.json"), "w") as f:
+    json.dump({"_class_name": "AutoencoderKL", **vae_arch.to_dict()}, f)
+  vocab = _write_tokenizer_files(os.path.join(root, "tokenizer"))
+  config = transformers.CLIPTextConfig(
+      vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+      num_attention_heads=4, max_position_embeddings=8, bos_token_id=vocab["<|startoftext|>"],
+      eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+  transformers.FlaxCLIPTextModel(config).save_pretrained(os.path.join(root, "text_encoder"))
+  return image_arch, unet_params
+
+
+def test_adapters_train_over_a_stable_diffusion_layout_folder(records, tmp_path):
+  """The sd15 recipe end to end on tiny random SD-layout weights: VAE latents, CLIP text,
+  rematerialised blocks; the image UNet stays exactly the file's."""
+  root = str(tmp_path / "sd")
+  image_arch, unet_params = _sd_folder(root)
+  config = video_configs.get_config("sd15")
+  config.model.update(block_out_channels=(8, 16), attention_levels=(False, True),
+                      layers_per_block=1, attention_heads=2, cross_attention_dim=32,
+                      norm_num_groups=4, motion_heads=2)
+  config.init.unet = os.path.join(root, "unet")
+  config.latent.vae = os.path.join(root, "vae")
+  config.text.update(path=root, max_length=8, width=32)
+  config.data.update(train=records["train"], eval=records["eval"], num_frames=FRAMES,
+                     frame_resolution=SIZE, num_workers=0)
+  config.train.update(steps=1, batch_size=2, log_every=1, checkpoint_every=1, sample_every=1,
+                      warmup_steps=1)
+  config.sample.update(num_steps=2, num_videos=2)
+  config.dtype = "float32"
+  config.num_devices = 1
+  workdir = str(tmp_path / "run")
+  video_trainer.train_and_evaluate(config, workdir)
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert np.isfinite(lines[0]["loss"]) and "sample/orbit_psnr" in lines[-1]
+  model, params = model_lib.load_export(os.path.join(workdir, "export"))
+  assert model.spec.latent["kind"] == "vae" and model.latent_size == SIZE // 2
+  exported = flat(params["unet"])
+  for path, value in flat(unet_params).items():
+    np.testing.assert_array_equal(exported[path], value, err_msg=path)
+  assert any("motion_modules" in p for p in exported)
