@@ -53,7 +53,9 @@ def _config(stage: str, records, **train):
 @pytest.fixture(scope="module")
 def image_run(records, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("image"))
-  video_trainer.train_and_evaluate(_config("image", records), workdir)
+  config = _config("image", records)
+  config.num_devices = 2  # data parallel: one clip per (simulated) device
+  video_trainer.train_and_evaluate(config, workdir)
   return workdir
 
 
