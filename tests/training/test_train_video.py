@@ -116,6 +116,20 @@ def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tm
   assert [os.path.basename(f) for f in folders] == ["prompt_00", "prompt_01"]
   assert sorted(os.listdir(folders[0])) == [f"frame_{i:02d}.png" for i in range(FRAMES)] + [
       "orbit.mp4"]
+  # From first frames: an RGBA image and an opaque one, each starting an orbit.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(images / "cutout.png")
+  Image.new("RGB", (24, 24), (0, 0, 255)).save(images / "photo.jpg")
+  folders = cli.sample_to_folder(sample_config, model_path=os.path.join(workdir, "export"),
+                                 output=out, prompts=["a red sphere"], image=str(images))
+  assert [os.path.basename(f) for f in folders] == ["cutout", "photo"]
+  first = np.asarray(Image.open(os.path.join(folders[1], "input.png")))
+  assert first.shape == (SIZE, SIZE, 3) and (first[..., 2] >= 250).all()  # JPEG
+  assert np.asarray(Image.open(os.path.join(folders[0], "input.png"))).min() == 255  # on white
+  with pytest.raises(FileNotFoundError, match="not an exported video model"):
+    cli.sample_to_folder(sample_config, model_path=str(tmp_path), output=out, prompts=["x"])
 
 
 def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):
