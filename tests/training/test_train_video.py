@@ -170,6 +170,11 @@ def test_consistency_scores_rank_a_turning_orbit_above_a_static_one():
   assert perfect["orbit_psnr"] == pytest.approx(40.0, abs=0.1)
   assert perfect["orbit_psnr"] > perfect["static_psnr"] + 20
   assert static["orbit_psnr"] == pytest.approx(static["static_psnr"])
+  # Frames 1 and 3 of a 4-frame orbit are mirror azimuths: the right turn gains, the wrong loses.
+  assert perfect["direction_psnr_gain"] > 20
+  assert static["direction_psnr_gain"] == pytest.approx(0.0, abs=1e-4)
+  backwards = truth[:, [0, 3, 2, 1]]
+  assert video_trainer.consistency_scores(backwards, truth)["direction_psnr_gain"] < -20
 
 
 def test_sampling_is_deterministic_per_seed_and_checks_inputs(image_run):

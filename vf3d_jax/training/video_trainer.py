@@ -166,19 +166,34 @@ def train_step(state: TrainState, frozen, encoders, batch, base_key, *, optimize
 def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, float]:
   """How well sampled orbits follow the true orbits of their first frames.
 
-  ``orbit_psnr`` / ``orbit_ssim``: frame ``k`` of the sample against frame ``k``
-  of the held-out render, over ``k >= 1``. ``static_psnr`` / ``static_ssim``:
-  the same with the sample replaced by the first true frame repeated, the
-  score of a model that does not turn the object at all. A model that turns
-  the object as the renders do beats the static score.
+  Args:
+    samples: ``[B, F, R, R, 3]`` sampled clips in [0, 1].
+    truth: ``[B, F, R, R, 3]`` the held-out orbits they started from.
+
+  Returns:
+    * ``orbit_psnr`` / ``orbit_ssim``: frame ``k`` of the sample against frame
+      ``k`` of the renders, over ``k >= 1``;
+    * ``static_psnr`` / ``static_ssim``: the same for the first true frame
+      repeated, the score of a model that does not turn the object;
+    * ``direction_psnr_gain``: mean over ``k`` (``k != 0, F/2``) of PSNR
+      against true frame ``k`` minus PSNR against true frame ``F - k`` (the
+      same azimuth turned the other way). Positive when the samples turn the
+      object the way the orbit goes; about zero for a static or symmetric
+      clip, whatever its image quality.
   """
+  frames = samples.shape[1]
   pred = jnp.asarray(samples[:, 1:])
   target = jnp.asarray(truth[:, 1:])
   static = jnp.broadcast_to(jnp.asarray(truth[:, :1]), target.shape)
+  turned = [k for k in range(1, frames) if 2 * k != frames]
+  forward = metrics_lib.psnr(jnp.asarray(samples[:, turned]), jnp.asarray(truth[:, turned]))
+  mirrored = [(frames - k) % frames for k in turned]
+  backward = metrics_lib.psnr(jnp.asarray(samples[:, turned]), jnp.asarray(truth[:, mirrored]))
   return {"orbit_psnr": float(jnp.mean(metrics_lib.psnr(pred, target))),
           "orbit_ssim": float(jnp.mean(metrics_lib.ssim(pred, target))),
           "static_psnr": float(jnp.mean(metrics_lib.psnr(static, target))),
-          "static_ssim": float(jnp.mean(metrics_lib.ssim(static, target)))}
+          "static_ssim": float(jnp.mean(metrics_lib.ssim(static, target))),
+          "direction_psnr_gain": float(jnp.mean(forward - backward)) if turned else 0.0}
 
 
 def clip_grid(rows: list[np.ndarray]) -> np.ndarray:
