@@ -215,7 +215,24 @@ def _is_example(element) -> bool:
   return element is not None
 
 
-class MakeExample:
+class _ExampleMaker:
+  """A tagged serialized record -> ``self._make(...)``, or None for a bad record."""
+
+  strict: bool = False
+
+  def __call__(self, element, rng: np.random.Generator) -> dict[str, Any] | None:
+    dataset_index, record_index, serialized = element
+    try:
+      return self._make(dataset_index, serialized, rng)
+    except records.BadRecordError as error:
+      _report_bad("record", f"{record_index} of dataset {dataset_index}", self.strict, error)
+      return None
+
+  def _make(self, dataset_index, serialized, rng):
+    raise NotImplementedError
+
+
+class MakeExample(_ExampleMaker):
   """Turns a tagged serialized record into a training example (or None)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -236,13 +253,6 @@ class MakeExample:
     if self.crop_size > self.render_resolution:
       raise ValueError("crop_size must not exceed render_resolution")
 
-  def __call__(self, element, rng: np.random.Generator) -> dict[str, Any] | None:
-    dataset_index, record_index, serialized = element
-    try:
-      return self._make(dataset_index, serialized, rng)
-    except records.BadRecordError as error:
-      _report_bad("record", f"{record_index} of dataset {dataset_index}", self.strict, error)
-      return None
 
   def _make(self, dataset_index, serialized, rng):
     needed = self.num_render_views + (0 if self.include_source_view else 1)
@@ -308,7 +318,7 @@ def decode_captions(captions: np.ndarray) -> list[str]:
   return [bytes(row).rstrip(b"\0").decode("utf-8") for row in np.asarray(captions, np.uint8)]
 
 
-class MakeOrbitExample:
+class MakeOrbitExample(_ExampleMaker):
   """Turns a tagged serialized record into an orbit clip (or None)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -323,13 +333,6 @@ class MakeOrbitExample:
     if self.num_frames < 1 or self.frame_resolution < 1:
       raise ValueError("num_frames and frame_resolution must be positive")
 
-  def __call__(self, element, rng: np.random.Generator) -> dict[str, Any] | None:
-    dataset_index, record_index, serialized = element
-    try:
-      return self._make(dataset_index, serialized, rng)
-    except records.BadRecordError as error:
-      _report_bad("record", f"{record_index} of dataset {dataset_index}", self.strict, error)
-      return None
 
   def _make(self, dataset_index, serialized, rng):
     record = records.parse(serialized, min_views=self.num_frames)

@@ -66,6 +66,19 @@ def unflat(params: Mapping[str, object]):
   return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
 
 
+def key_indices(state: Mapping[str, np.ndarray], prefix: str) -> list[int]:
+  """The sorted ``i`` of keys ``<prefix>.<i>.…`` (e.g. the layers of a block list)."""
+  pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+  return sorted({int(m.group(1)) for k in state for m in [pattern.match(k)] if m})
+
+
+def key_shape(state: Mapping[str, np.ndarray], key: str, what: str) -> tuple[int, ...]:
+  """The shape of ``state[key]``; a missing key means the file is not ``what``."""
+  if key not in state:
+    raise CheckpointError(f"not {what}: missing key {key}")
+  return tuple(state[key].shape)
+
+
 def _listing(keys: Sequence[str]) -> str:
   return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
 

@@ -31,8 +31,9 @@ import numpy as np
 
 from vf3d_jax.models import unet as unet_lib
 from vf3d_jax.models.unet import UNetArch
-from vf3d_jax.weights.rules import (CONV, LINEAR, SAME, Rule, RuleTable, Transform, flat,
-                                    params_from_state_dict, state_dict_from_params, unflat)
+from vf3d_jax.weights.rules import (CONV, LINEAR, Rule, RuleTable, SAME, Transform, flat,
+                                    key_indices, key_shape, params_from_state_dict,
+                                    state_dict_from_params, unflat)
 from vf3d_jax.weights.state_dict import CheckpointError, read_state_dict
 
 # PyTorch Conv1d.weight (out, in, k) <-> ours (k, in, out).
@@ -114,6 +115,8 @@ _ORIGINAL_MOTION_RENAMES = (
     (r"\.norms\.1\.", ".norm2."),
     (r"\.ff_norm\.", ".norm3."),
 )
+
+_WHAT = "a diffusers UNet checkpoint"  # how shape errors name the expected file
 
 
 def motion_state_from_original(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -275,17 +278,6 @@ def motion_to_state_dict(params) -> dict[str, np.ndarray]:
   return state_dict_from_params(motion, TABLE)
 
 
-def _indices(state: Mapping[str, np.ndarray], prefix: str) -> list[int]:
-  pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-  return sorted({int(m.group(1)) for k in state for m in [pattern.match(k)] if m})
-
-
-def _shape(state: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
-  if key not in state:
-    raise CheckpointError(f"not a diffusers UNet checkpoint: missing key {key}")
-  return tuple(state[key].shape)
-
-
 def infer_unet_arch(state: Mapping[str, np.ndarray], **overrides) -> UNetArch:
   """Reads a UNet's architecture off a diffusers-layout state dict's shapes.
 
@@ -300,25 +292,26 @@ def infer_unet_arch(state: Mapping[str, np.ndarray], **overrides) -> UNetArch:
   if any(k.startswith("model.diffusion_model.") for k in state):
     raise CheckpointError("this is the original Stable Diffusion (LDM) layout; convert it to the "
                           "diffusers layout first (diffusers' single-file loader does)")
-  levels = _indices(state, "down_blocks")
+  levels = key_indices(state, "down_blocks")
   if not levels or levels != list(range(len(levels))):
     raise CheckpointError(f"not a diffusers UNet checkpoint: down_blocks {levels}")
-  channels = tuple(_shape(state, f"down_blocks.{i}.resnets.0.conv1.weight")[0] for i in levels)
-  layers = _indices(state, "down_blocks.0.resnets")
+  channels = tuple(key_shape(state, f"down_blocks.{i}.resnets.0.conv1.weight", _WHAT)[0]
+                   for i in levels)
+  layers = key_indices(state, "down_blocks.0.resnets")
   attention = tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in state for i in levels)
   mid = "mid_block.attentions.0"
-  cross = _shape(state, f"{mid}.transformer_blocks.0.attn2.to_k.weight")[1]
+  cross = key_shape(state, f"{mid}.transformer_blocks.0.attn2.to_k.weight", _WHAT)[1]
   motion = any(".motion_modules." in k for k in state)
   fields = dict(
-      in_channels=_shape(state, "conv_in.weight")[1],
-      out_channels=_shape(state, "conv_out.weight")[0],
+      in_channels=key_shape(state, "conv_in.weight", _WHAT)[1],
+      out_channels=key_shape(state, "conv_out.weight", _WHAT)[0],
       block_out_channels=channels, attention_levels=attention, layers_per_block=len(layers),
       cross_attention_dim=cross,
-      use_linear_projection=len(_shape(state, f"{mid}.proj_in.weight")) == 2,
+      use_linear_projection=len(key_shape(state, f"{mid}.proj_in.weight", _WHAT)) == 2,
       temporal_conv=any(".temporal_conv1." in k for k in state),
       motion_modules=motion,
-      condition_channels=_shape(state, "conv_in_cond.weight")[1] if "conv_in_cond.weight" in state
-      else 0)
+      condition_channels=(key_shape(state, "conv_in_cond.weight", _WHAT)[1]
+                          if "conv_in_cond.weight" in state else 0))
   if motion:
     fields["motion_mid_block"] = any(k.startswith("mid_block.motion_modules.") for k in state)
   fields.update(overrides)

@@ -24,9 +24,11 @@ from typing import Mapping
 import numpy as np
 
 from vf3d_jax.models.vae import VAEArch, param_shapes
-from vf3d_jax.weights.rules import (CONV, SAME, Rule, RuleTable, Transform,
+from vf3d_jax.weights.rules import (CONV, Rule, RuleTable, SAME, Transform, key_indices, key_shape,
                                     params_from_state_dict, state_dict_from_params)
 from vf3d_jax.weights.state_dict import CheckpointError, read_state_dict
+
+_WHAT = "an AutoencoderKL checkpoint"  # how shape errors name the expected file
 
 
 def _attention_weight_to_ours(x: np.ndarray) -> np.ndarray:
@@ -113,17 +115,6 @@ def vae_to_state_dict(params) -> dict[str, np.ndarray]:
   return state_dict_from_params(params, TABLE)
 
 
-def _indices(state: Mapping[str, np.ndarray], prefix: str) -> list[int]:
-  pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-  return sorted({int(m.group(1)) for k in state for m in [pattern.match(k)] if m})
-
-
-def _shape(state: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
-  if key not in state:
-    raise CheckpointError(f"not an AutoencoderKL checkpoint: missing key {key}")
-  return tuple(state[key].shape)
-
-
 def infer_vae_arch(state: Mapping[str, np.ndarray], **overrides) -> VAEArch:
   """Reads the architecture off a state dict's shapes.
 
@@ -131,20 +122,20 @@ def infer_vae_arch(state: Mapping[str, np.ndarray], **overrides) -> VAEArch:
   they default to SD 1.5's (32, 0.18215, None) unless given in ``overrides``.
   """
   state = canonical_state(state)
-  levels = _indices(state, "encoder.down_blocks")
+  levels = key_indices(state, "encoder.down_blocks")
   if not levels or levels != list(range(len(levels))):
     raise CheckpointError(f"not an AutoencoderKL checkpoint: encoder levels {levels}")
-  chans = tuple(_shape(state, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]
+  chans = tuple(key_shape(state, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", _WHAT)[0]
                 for i in levels)
-  layers = len(_indices(state, "encoder.down_blocks.0.resnets"))
-  up_layers = len(_indices(state, "decoder.up_blocks.0.resnets"))
+  layers = len(key_indices(state, "encoder.down_blocks.0.resnets"))
+  up_layers = len(key_indices(state, "decoder.up_blocks.0.resnets"))
   if up_layers != layers + 1:
     raise CheckpointError(f"decoder levels hold {up_layers} resnets; expected {layers + 1} "
                           f"(encoder levels hold {layers})")
   fields = dict(
-      in_channels=_shape(state, "encoder.conv_in.weight")[1],
-      out_channels=_shape(state, "decoder.conv_out.weight")[0],
-      latent_channels=_shape(state, "post_quant_conv.weight")[0],
+      in_channels=key_shape(state, "encoder.conv_in.weight", _WHAT)[1],
+      out_channels=key_shape(state, "decoder.conv_out.weight", _WHAT)[0],
+      latent_channels=key_shape(state, "post_quant_conv.weight", _WHAT)[0],
       block_out_channels=chans, layers_per_block=layers)
   fields.update(overrides)
   try:

@@ -23,8 +23,9 @@ import numpy as np
 
 from vf3d_jax.models.dinov2 import EncoderArch
 from vf3d_jax.models.lrm import LRMArch, param_shapes
-from vf3d_jax.weights.rules import (CONV, CONV_TRANSPOSE, LINEAR, SAME, Rule, RuleTable,
-                                    params_from_state_dict, state_dict_from_params)
+from vf3d_jax.weights.rules import (CONV, CONV_TRANSPOSE, LINEAR, Rule, RuleTable, SAME,
+                                    key_indices, key_shape, params_from_state_dict,
+                                    state_dict_from_params)
 from vf3d_jax.weights.state_dict import (CheckpointError, read_safetensors_metadata,
                                          read_state_dict, write_safetensors)
 
@@ -89,40 +90,31 @@ RULES: tuple[Rule, ...] = (
 TABLE = RuleTable(RULES)
 checkpoint_key = TABLE.checkpoint_key
 
-
-def _indices(state: Mapping[str, np.ndarray], prefix: str) -> list[int]:
-  pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-  return sorted({int(m.group(1)) for k in state for m in [pattern.match(k)] if m})
-
-
-def _shape(state, key: str) -> tuple[int, ...]:
-  if key not in state:
-    raise CheckpointError(f"not a VFusion3D checkpoint: missing key {key}")
-  return tuple(state[key].shape)
+_WHAT = "a VFusion3D checkpoint"  # how shape errors name the expected file
 
 
 def infer_arch(state: Mapping[str, np.ndarray], *, encoder_heads: int | None = None,
                heads: int | None = None, input_size: int = 512,
                pos_resize: str = "legacy") -> LRMArch:
   """Reads the architecture off a checkpoint's tensor shapes."""
-  enc_width = _shape(state, f"{_ENC}.embeddings.cls_token")[-1]
-  patch = _shape(state, f"{_ENC}.embeddings.patch_embeddings.projection.weight")[-1]
-  pos_tokens = _shape(state, f"{_ENC}.embeddings.position_embeddings")[1] - 1
-  enc_layers = _indices(state, f"{_ENC}.encoder.layer")
+  enc_width = key_shape(state, f"{_ENC}.embeddings.cls_token", _WHAT)[-1]
+  patch = key_shape(state, f"{_ENC}.embeddings.patch_embeddings.projection.weight", _WHAT)[-1]
+  pos_tokens = key_shape(state, f"{_ENC}.embeddings.position_embeddings", _WHAT)[1] - 1
+  enc_layers = key_indices(state, f"{_ENC}.encoder.layer")
   if not enc_layers:
     raise CheckpointError("not a VFusion3D checkpoint: no encoder layers")
-  enc_mlp = _shape(state, f"{_ENC}.encoder.layer.0.mlp.fc1.weight")[0]
-  cam_embed, cam_dim = _shape(state, "camera_embedder.mlp.0.weight")
-  _, tokens, width = _shape(state, "transformer.pos_embed")
-  blocks = _indices(state, "transformer.layers")
+  enc_mlp = key_shape(state, f"{_ENC}.encoder.layer.0.mlp.fc1.weight", _WHAT)[0]
+  cam_embed, cam_dim = key_shape(state, "camera_embedder.mlp.0.weight", _WHAT)
+  _, tokens, width = key_shape(state, "transformer.pos_embed", _WHAT)
+  blocks = key_indices(state, "transformer.layers")
   if not blocks:
     raise CheckpointError("not a VFusion3D checkpoint: no transformer layers")
-  mlp_dim = _shape(state, "transformer.layers.0.mlp.0.weight")[0]
-  channels = _shape(state, "transformer.deconv.weight")[1]
-  net = _indices(state, "synthesizer.decoder.net")
+  mlp_dim = key_shape(state, "transformer.layers.0.mlp.0.weight", _WHAT)[0]
+  channels = key_shape(state, "transformer.deconv.weight", _WHAT)[1]
+  net = key_indices(state, "synthesizer.decoder.net")
   if not net:
     raise CheckpointError("not a VFusion3D checkpoint: no decoder layers")
-  hidden = _shape(state, "synthesizer.decoder.net.0.weight")[0]
+  hidden = key_shape(state, "synthesizer.decoder.net.0.weight", _WHAT)[0]
   res = int(round((tokens // 3) ** 0.5))
   grid = int(round(pos_tokens ** 0.5))
   if 3 * res * res != tokens or grid * grid != pos_tokens:
