@@ -177,6 +177,22 @@ def test_consistency_scores_rank_a_turning_orbit_above_a_static_one():
   assert video_trainer.consistency_scores(backwards, truth)["direction_psnr_gain"] < -20
 
 
+def test_silhouette_scores_follow_a_turning_shape():
+  """A bar on white turning 90 degrees a frame: its silhouette says which way it turns."""
+  frames = np.ones((1, 4, 16, 16, 3), np.float32)
+  frames[0, 0, 6:10, 2:14] = 0.2   # horizontal bar
+  frames[0, 1, 2:10, 6:10] = 0.2   # upper half of a vertical bar
+  frames[0, 2, 6:10, 2:14] = 0.2
+  frames[0, 3, 6:14, 6:10] = 0.2   # lower half: frame 3 mirrors frame 1
+  right = video_trainer.consistency_scores(frames, frames)
+  # Frames 1 and 3 overlap in a third of their union: gain 1 - 1/3.
+  assert right["orbit_iou"] == 1.0 and right["direction_iou_gain"] == pytest.approx(2 / 3)
+  wrong = video_trainer.consistency_scores(frames[:, [0, 3, 2, 1]], frames)
+  assert wrong["direction_iou_gain"] == pytest.approx(-2 / 3)
+  noisy = frames + np.random.default_rng(0).normal(0, 0.02, frames.shape).astype(np.float32)
+  assert video_trainer.consistency_scores(noisy, frames)["orbit_iou"] == 1.0
+
+
 def test_sampling_is_deterministic_per_seed_and_checks_inputs(image_run):
   model, params = model_lib.load_export(os.path.join(image_run, "export"))
   options = sampling.SampleOptions(num_steps=2, sampler="dpm_solver_pp")

@@ -179,7 +179,10 @@ def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, floa
       against true frame ``k`` minus PSNR against true frame ``F - k`` (the
       same azimuth turned the other way). Positive when the samples turn the
       object the way the orbit goes; about zero for a static or symmetric
-      clip, whatever its image quality.
+      clip, whatever its image quality;
+    * ``orbit_iou`` / ``static_iou`` / ``direction_iou_gain``: the same three
+      on silhouettes (pixels further than 0.1 from the white background,
+      intersection over union), which colour noise hardly moves.
   """
   frames = samples.shape[1]
   pred = jnp.asarray(samples[:, 1:])
@@ -193,7 +196,28 @@ def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, floa
           "orbit_ssim": float(jnp.mean(metrics_lib.ssim(pred, target))),
           "static_psnr": float(jnp.mean(metrics_lib.psnr(static, target))),
           "static_ssim": float(jnp.mean(metrics_lib.ssim(static, target))),
-          "direction_psnr_gain": float(jnp.mean(forward - backward)) if turned else 0.0}
+          "direction_psnr_gain": float(jnp.mean(forward - backward)) if turned else 0.0,
+          **_silhouette_scores(samples, truth, turned, mirrored)}
+
+
+def silhouette(frames: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+  """``[..., R, R, 3]`` frames on white -> ``[..., R, R]`` bool foreground."""
+  return np.abs(1.0 - np.asarray(frames, np.float32)).mean(axis=-1) > threshold
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  union = (a | b).sum(axis=(-2, -1))
+  return np.where(union > 0, (a & b).sum(axis=(-2, -1)) / np.maximum(union, 1), 1.0)
+
+
+def _silhouette_scores(samples, truth, turned, mirrored) -> dict[str, float]:
+  pred, true = silhouette(samples), silhouette(truth)
+  scores = {"orbit_iou": float(_iou(pred[:, 1:], true[:, 1:]).mean()),
+            "static_iou": float(_iou(np.broadcast_to(true[:, :1], true[:, 1:].shape),
+                                     true[:, 1:]).mean())}
+  gain = _iou(pred[:, turned], true[:, turned]) - _iou(pred[:, turned], true[:, mirrored])
+  scores["direction_iou_gain"] = float(gain.mean()) if turned else 0.0
+  return scores
 
 
 def clip_grid(rows: list[np.ndarray]) -> np.ndarray:
