@@ -18,11 +18,11 @@ from vf3d_jax.video import sampling
 from vf3d_jax.weights.rules import flat
 
 FRAMES, SIZE = 4, 16
-# One worker runs this module, so the trained image stage (a module fixture) is built once.
-pytestmark = pytest.mark.xdist_group("video_training")
 
 
-@pytest.fixture(scope="module")
+# Session scope: xdist may interleave other modules' tests, which would tear a
+# module-scoped fixture down and train it again.
+@pytest.fixture(scope="session")
 def records(tmp_path_factory):
   root = tmp_path_factory.mktemp("orbits")
   paths = {}
@@ -50,7 +50,7 @@ def _config(stage: str, records, **train):
   return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def image_run(records, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("image"))
   config = _config("image", records)
