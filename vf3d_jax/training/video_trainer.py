@@ -29,7 +29,6 @@ import functools
 import os
 import shutil
 import time
-from typing import Any
 
 from absl import logging
 import jax
@@ -370,7 +369,3 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     logging.info("exported the model to %s", path)
   return state
 
-
-def load_trained(workdir: str) -> tuple[model_lib.VideoModel, dict[str, Any]]:
-  """The exported model of a finished run: ``(model, params)``."""
-  return model_lib.load_export(os.path.join(workdir, "export"))

@@ -42,7 +42,8 @@ from vf3d_jax.models import vae as vae_lib
 from vf3d_jax.weights import sd_unet
 from vf3d_jax.weights import sd_vae
 from vf3d_jax.weights.rules import flat, unflat
-from vf3d_jax.weights.state_dict import CheckpointError, read_state_dict
+from vf3d_jax.weights.state_dict import (CheckpointError, diffusers_weights_file,
+                                         read_state_dict)
 
 SPEC_FILE = "video_model.json"
 
@@ -74,6 +75,19 @@ class VideoSpec:
                resolution=int(d["resolution"]), num_frames=int(d["num_frames"]))
 
 
+def _word_text(spec: VideoSpec) -> text_lib.WordText:
+  return text_lib.WordText(vocab_size=spec.text["vocab_size"],
+                           max_length=spec.text["max_length"], width=spec.text["width"])
+
+
+def param_shapes(spec: VideoSpec) -> dict:
+  """The trainable parameters' shapes, without building the frozen encoders."""
+  shapes = {"unet": unet_lib.param_shapes(spec.unet)}
+  if spec.text["kind"] == "words":
+    shapes["text"] = jax.eval_shape(_word_text(spec).init, jax.random.key(0))
+  return shapes
+
+
 def spec_from_config(config) -> VideoSpec:
   """The spec a ``configs/video.py`` config describes."""
   return VideoSpec(unet=unet_lib.UNetArch.from_dict(config.model.to_dict()),
@@ -97,8 +111,7 @@ class VideoModel:
         prediction_type=spec.diffusion["prediction_type"])
     kind = spec.text["kind"]
     if kind == "words":
-      self.text = text_lib.WordText(vocab_size=spec.text["vocab_size"],
-                                    max_length=spec.text["max_length"], width=spec.text["width"])
+      self.text = _word_text(spec)
     elif kind == "clip":
       if not spec.text.get("path"):
         raise ValueError("text.kind='clip' needs text.path: a folder with text_encoder/ and "
@@ -152,7 +165,7 @@ class VideoModel:
     return params
 
   def param_shapes(self) -> dict:
-    return jax.eval_shape(lambda: self.init_params(jax.random.key(0)))
+    return param_shapes(self.spec)
 
   def load_encoders(self) -> dict:
     """The frozen pretrained parts: ``{"vae": ...}``, ``{"clip": ...}`` where used."""
@@ -231,19 +244,7 @@ def read_spec(directory: str) -> VideoSpec:
 def load_export(directory: str, dtype=jnp.float32) -> tuple[VideoModel, dict]:
   """``(model, params)`` of an export directory."""
   model = VideoModel(read_spec(directory), dtype=dtype)
-  return model, pretrained.restore_params(directory, model.param_shapes())
-
-
-def _unet_file(path: str) -> str:
-  if os.path.isdir(path):
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
-    raise FileNotFoundError(f"{path}: neither a video model directory ({SPEC_FILE}) nor a "
-                            "diffusers unet/ folder (diffusion_pytorch_model.safetensors)")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"UNet weights {path!r} not found")
-  return path
+  return model, pretrained.restore_params(directory, param_shapes(model.spec))
 
 
 def initial_params(model: VideoModel, rng, *, unet: str = "", motion: str = "") -> dict:
@@ -269,9 +270,11 @@ def initial_params(model: VideoModel, rng, *, unet: str = "", motion: str = "") 
   fresh_leaves = flat(fresh)
   loaded: dict[str, Any] = {}
   if is_export(unet):
-    source_model, source_params = load_export(unet)
-    if source_model.spec.text != model.spec.text and model.has_text_params:
-      raise ValueError(f"init.unet text encoder {source_model.spec.text} differs from the "
+    # Only the parameters: the source's frozen encoders (VAE, CLIP) are not read.
+    source_spec = read_spec(unet)
+    source_params = pretrained.restore_params(unet, param_shapes(source_spec))
+    if source_spec.text != model.spec.text and model.has_text_params:
+      raise ValueError(f"init.unet text encoder {source_spec.text} differs from the "
                        f"config's {model.spec.text}")
     for path, value in flat(source_params).items():
       if path in fresh_leaves:
@@ -281,11 +284,11 @@ def initial_params(model: VideoModel, rng, *, unet: str = "", motion: str = "") 
         loaded[path] = value
   else:
     image = sd_unet.image_params_from_state_dict(
-        read_state_dict(_unet_file(unet)), model.spec.unet)
+        read_state_dict(diffusers_weights_file(unet, "unet")), model.spec.unet)
     loaded.update({f"unet/{k}": v for k, v in flat(image).items()})
   if motion:
     motion_params = sd_unet.motion_params_from_state_dict(
-        read_state_dict(_unet_file(motion)), model.spec.unet)
+        read_state_dict(diffusers_weights_file(motion, "unet")), model.spec.unet)
     loaded.update({f"unet/{k}": v for k, v in flat(motion_params).items()})
   missing_image = [p for p in fresh_leaves if p not in loaded
                    and p.startswith("unet/") and not unet_lib.is_adapter(p[len("unet/"):])]

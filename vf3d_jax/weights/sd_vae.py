@@ -26,7 +26,7 @@ import numpy as np
 from vf3d_jax.models.vae import VAEArch, param_shapes
 from vf3d_jax.weights.rules import (CONV, Rule, RuleTable, SAME, Transform, key_indices, key_shape,
                                     params_from_state_dict, state_dict_from_params)
-from vf3d_jax.weights.state_dict import CheckpointError, read_state_dict
+from vf3d_jax.weights.state_dict import CheckpointError, diffusers_weights_file, read_state_dict
 
 _WHAT = "an AutoencoderKL checkpoint"  # how shape errors name the expected file
 
@@ -147,21 +147,12 @@ def infer_vae_arch(state: Mapping[str, np.ndarray], **overrides) -> VAEArch:
 # diffusers config.json entries that are VAEArch fields.
 _CONFIG_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels",
                   "layers_per_block", "norm_num_groups", "scaling_factor", "shift_factor")
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def _resolve(path: str) -> tuple[str, dict]:
   """A weights file and the diffusers config beside it (``{}`` when there is none)."""
-  if os.path.isdir(path):
-    if os.path.isdir(os.path.join(path, "vae")):  # the pipeline folder
-      path = os.path.join(path, "vae")
-    folder = path
-    found = [os.path.join(path, n) for n in _WEIGHT_FILES if os.path.exists(os.path.join(path, n))]
-    if not found:
-      raise CheckpointError(f"{path}: no {' or '.join(_WEIGHT_FILES)}")
-    path = found[0]
-  else:
-    folder = os.path.dirname(path)
+  path = diffusers_weights_file(path, "vae")
+  folder = os.path.dirname(path)
   config_path = os.path.join(folder, "config.json")
   if not os.path.exists(config_path):
     return path, {}

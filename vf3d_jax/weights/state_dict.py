@@ -92,6 +92,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return _read_safetensors(path) if fmt == "safetensors" else _read_torch(path)
 
 
+DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def diffusers_weights_file(path: str | os.PathLike, component: str) -> str:
+  """The weights file of a diffusers component (``"unet"``, ``"vae"``).
+
+  ``path`` is the file itself, the component's folder, or a pipeline folder
+  holding ``<component>/``.
+
+  Raises:
+    CheckpointError: a folder without ``diffusion_pytorch_model.*``.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    return path
+  if os.path.isdir(os.path.join(path, component)):  # the pipeline folder
+    path = os.path.join(path, component)
+  for name in DIFFUSERS_WEIGHT_FILES:
+    if os.path.exists(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise CheckpointError(f"{path}: no {' or '.join(DIFFUSERS_WEIGHT_FILES)}")
+
+
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
   """The ``__metadata__`` strings of a safetensors file (``{}`` for other formats)."""
   path = os.fspath(path)
