@@ -7,8 +7,10 @@ For each held-out orbit (starting at its view 0, white background) the model
 samples a clip from the first frame and the caption; scores are
 ``video_trainer.consistency_scores``: frame k of the sample against frame k of
 the renders (``orbit_*``, k >= 1), the first true frame repeated
-(``static_*``: a model that does not turn), and the sample's own first frame
-against the true one (``first_psnr``: does it keep the object). Writes one
+(``static_*``: a model that does not turn), whether the sample turns the way
+the orbit goes (``direction_*_gain``, next to ``direction_iou_gain_max``, what
+the renders themselves score), and the sample's own first frame against the
+true one (``first_psnr``: does it keep the object). Writes one
 JSON line per setting and a grid (rows: renders, then samples) per setting.
 """
 

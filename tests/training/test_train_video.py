@@ -189,6 +189,10 @@ def test_silhouette_scores_follow_a_turning_shape():
   assert right["orbit_iou"] == 1.0 and right["direction_iou_gain"] == pytest.approx(2 / 3)
   wrong = video_trainer.consistency_scores(frames[:, [0, 3, 2, 1]], frames)
   assert wrong["direction_iou_gain"] == pytest.approx(-2 / 3)
+  # The ceiling is the renders' own gain, whatever the samples.
+  assert wrong["direction_iou_gain_max"] == pytest.approx(2 / 3)
+  static = video_trainer.consistency_scores(np.repeat(frames[:, :1], 4, axis=1), frames)
+  assert static["direction_iou_gain"] == 0.0 and static["direction_iou_gain_max"] == pytest.approx(2 / 3)
   noisy = frames + np.random.default_rng(0).normal(0, 0.02, frames.shape).astype(np.float32)
   assert video_trainer.consistency_scores(noisy, frames)["orbit_iou"] == 1.0
 

@@ -181,7 +181,10 @@ def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, floa
       clip, whatever its image quality;
     * ``orbit_iou`` / ``static_iou`` / ``direction_iou_gain``: the same three
       on silhouettes (pixels further than 0.1 from the white background,
-      intersection over union), which colour noise hardly moves.
+      intersection over union), which colour noise hardly moves;
+    * ``direction_iou_gain_max``: the renders' own direction IoU gain, what a
+      perfect sample would score: how far the true frames ``k`` and ``F - k``
+      differ, i.e. how much turning there is to see in these orbits.
   """
   frames = samples.shape[1]
   pred = jnp.asarray(samples[:, 1:])
@@ -216,6 +219,8 @@ def _silhouette_scores(samples, truth, turned, mirrored) -> dict[str, float]:
                                      true[:, 1:]).mean())}
   gain = _iou(pred[:, turned], true[:, turned]) - _iou(pred[:, turned], true[:, mirrored])
   scores["direction_iou_gain"] = float(gain.mean()) if turned else 0.0
+  ceiling = 1.0 - _iou(true[:, turned], true[:, mirrored])
+  scores["direction_iou_gain_max"] = float(ceiling.mean()) if turned else 0.0
   return scores
 
 
