@@ -18,6 +18,7 @@ Variants (the argument after the colon):
 
     python -m tools.render_orbits --config configs/render.py:procedural \
         --config.num_assets=1024 --config.resolution=64 --config.views.num_random_views=0 \
+        --config.views.radius=2.4 --config.views.orbit_elevation_min=0.26 \
         --config.output_dir=data --config.name=orbits
     python -m vf3d_jax.train_video --config configs/video.py:tiny_image --workdir runs/image \
         --config.data.train=data/orbits/1.0.0
@@ -166,8 +167,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     t.batch_size = 2
   elif arg == "tiny":
     _tiny(config)
-    t.steps = 1500
+    t.steps = 2400
     t.lr = 1e-3
+    t.sample_every = 800
+    config.sample.num_videos = 4
   elif arg == "sd15":
     config.latent.kind = "vae"
     config.text.kind = "clip"

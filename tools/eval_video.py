@@ -11,7 +11,8 @@ the renders (``orbit_*``, k >= 1), the first true frame repeated
 the orbit goes (``direction_*_gain``, next to ``direction_iou_gain_max``, what
 the renders themselves score), and the sample's own first frame against the
 true one (``first_psnr``: does it keep the object). Writes one
-JSON line per setting and a grid (rows: renders, then samples) per setting.
+JSON line per setting, and per setting a grid (rows: renders, then samples) and
+the sampled clips as ``samples_img<w>_txt<w>.npy``.
 """
 
 import json
@@ -77,8 +78,10 @@ def main(argv):
         f.write(json.dumps(line) + "\n")
       rows = [r for pair in zip(truth[:8], samples[:8]) for r in pair]
       grid = (np.clip(video_trainer.clip_grid(rows), 0, 1) * 255).round().astype(np.uint8)
-      Image.fromarray(grid).save(os.path.join(
-          _OUTPUT.value, f"grid_img{image_scale:g}_txt{text_scale:g}.png"))
+      name = f"img{image_scale:g}_txt{text_scale:g}"
+      Image.fromarray(grid).save(os.path.join(_OUTPUT.value, f"grid_{name}.png"))
+      # The clips themselves, [B, F, R, R, 3] in [0, 1], for other scores.
+      np.save(os.path.join(_OUTPUT.value, f"samples_{name}.npy"), samples.astype(np.float32))
 
 
 if __name__ == "__main__":
