@@ -191,9 +191,10 @@ def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, floa
   target = jnp.asarray(truth[:, 1:])
   static = jnp.broadcast_to(jnp.asarray(truth[:, :1]), target.shape)
   turned = [k for k in range(1, frames) if 2 * k != frames]
-  forward = metrics_lib.psnr(jnp.asarray(samples[:, turned]), jnp.asarray(truth[:, turned]))
   mirrored = [(frames - k) % frames for k in turned]
-  backward = metrics_lib.psnr(jnp.asarray(samples[:, turned]), jnp.asarray(truth[:, mirrored]))
+  turned_samples = jnp.asarray(samples[:, turned])
+  forward = metrics_lib.psnr(turned_samples, jnp.asarray(truth[:, turned]))
+  backward = metrics_lib.psnr(turned_samples, jnp.asarray(truth[:, mirrored]))
   return {"orbit_psnr": float(jnp.mean(metrics_lib.psnr(pred, target))),
           "orbit_ssim": float(jnp.mean(metrics_lib.ssim(pred, target))),
           "static_psnr": float(jnp.mean(metrics_lib.psnr(static, target))),
