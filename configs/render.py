@@ -69,6 +69,8 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
 
   config.procedural = ml_collections.ConfigDict()
   config.procedural.max_primitives = 4
+  # Surface patterns allowed, comma-separated: solid, striped, checkered.
+  config.procedural.patterns = "solid,striped,checkered"
 
   config.meshes = ml_collections.ConfigDict()
   # Comma-separated globs (``**`` allowed).

@@ -10,7 +10,10 @@ the renders (``orbit_*``, k >= 1), the first true frame repeated
 (``static_*``: a model that does not turn), whether the sample turns the way
 the orbit goes (``direction_*_gain``, next to ``direction_iou_gain_max``, what
 the renders themselves score), and the sample's own first frame against the
-true one (``first_psnr``: does it keep the object). Writes one
+true one (``first_psnr``: does it keep the object). Before sampling, the
+direction test (``video_trainer.direction_losses``): the model's denoising
+loss on each true orbit against the same orbit flown backwards, with a
+bootstrap 95% interval of the mean gain over clips. Writes one
 JSON line per setting, and per setting a grid (rows: renders, then samples) and
 the sampled clips as ``samples_img<w>_txt<w>.npy``.
 """
@@ -41,6 +44,8 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Sampler steps.")
 _SAMPLER = flags.DEFINE_string("sampler", "ddim", "ddim or dpm_solver_pp.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Clips per sampling call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_REPLACE = flags.DEFINE_bool("replace_first_frame", False,
+                             "Hold the first frame in x_t at every step as well.")
 _OUTPUT = flags.DEFINE_string("output", "", "Folder for the grids and scores.jsonl.")
 
 
@@ -56,10 +61,25 @@ def main(argv):
   truth = clips["frames"]
   if _OUTPUT.value:
     os.makedirs(_OUTPUT.value, exist_ok=True)
+  # The direction test needs no sampling: losses of true against mirrored orbits.
+  losses = video_trainer.direction_losses(model, params, encoders, truth, prompts,
+                                          jax.random.key(_SEED.value + 11))
+  gain = losses["mirrored"] - losses["forward"]
+  rng = np.random.default_rng(0)
+  boot = [rng.choice(gain, len(gain)).mean() for _ in range(2000)]
+  line = {"test": "direction_losses", "num_videos": len(prompts),
+          **video_trainer.direction_loss_scores(losses),
+          "direction_loss_gain_ci95": [float(v) for v in np.percentile(boot, [2.5, 97.5])]}
+  print(json.dumps(line))
+  if _OUTPUT.value:
+    with open(os.path.join(_OUTPUT.value, "scores.jsonl"), "a") as f:
+      f.write(json.dumps(line) + "\n")
+    np.savez(os.path.join(_OUTPUT.value, "direction_losses.npz"), **losses)
   for setting in _GUIDANCE.value:
     image_scale, text_scale = (float(v) for v in setting.split(","))
     options = sampling.SampleOptions(sampler=_SAMPLER.value, num_steps=_STEPS.value,
-                                     image_scale=image_scale, text_scale=text_scale)
+                                     image_scale=image_scale, text_scale=text_scale,
+                                     replace_first_frame=_REPLACE.value)
     samples = []
     for start in range(0, len(prompts), _BATCH.value):
       part = slice(start, start + _BATCH.value)
@@ -71,14 +91,15 @@ def main(argv):
     scores["first_psnr"] = float(jnp.mean(metrics_lib.psnr(jnp.asarray(samples[:, 0]),
                                                             jnp.asarray(truth[:, 0]))))
     line = {"image_scale": image_scale, "text_scale": text_scale, "sampler": _SAMPLER.value,
-            "steps": _STEPS.value, "num_videos": len(prompts), **scores}
+            "steps": _STEPS.value, "replace_first_frame": _REPLACE.value,
+            "num_videos": len(prompts), **scores}
     print(json.dumps(line))
     if _OUTPUT.value:
       with open(os.path.join(_OUTPUT.value, "scores.jsonl"), "a") as f:
         f.write(json.dumps(line) + "\n")
       rows = [r for pair in zip(truth[:8], samples[:8]) for r in pair]
       grid = (np.clip(video_trainer.clip_grid(rows), 0, 1) * 255).round().astype(np.uint8)
-      name = f"img{image_scale:g}_txt{text_scale:g}"
+      name = f"img{image_scale:g}_txt{text_scale:g}" + ("_replace" if _REPLACE.value else "")
       Image.fromarray(grid).save(os.path.join(_OUTPUT.value, f"grid_{name}.png"))
       # The clips themselves, [B, F, R, R, 3] in [0, 1], for other scores.
       np.save(os.path.join(_OUTPUT.value, f"samples_{name}.npy"), samples.astype(np.float32))

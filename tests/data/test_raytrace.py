@@ -136,6 +136,20 @@ def test_procedural_assets_are_normalised_deterministic_and_captioned():
   assert len({procedural.sample_asset(3, i).caption for i in range(12)}) > 6
 
 
+def test_procedural_patterns_can_be_restricted():
+  everything = [procedural.sample_asset(5, i) for i in range(40)]
+  assert {p.pattern for a in everything for p in a.primitives} == set(procedural.PATTERNS)
+  # Naming every pattern is the default, draw for draw.
+  assert [a.caption for a in everything] == [
+      procedural.sample_asset(5, i, patterns=("checkered", "solid", "striped")).caption
+      for i in range(40)]
+  solid = [procedural.sample_asset(5, i, patterns=("solid",)) for i in range(40)]
+  assert {p.pattern for a in solid for p in a.primitives} == {"solid"}
+  assert not any("striped" in a.caption or "checkered" in a.caption for a in solid)
+  with pytest.raises(ValueError, match="patterns"):
+    procedural.sample_asset(5, 0, patterns=("dotted",))
+
+
 def test_supersampling_gives_fractional_alpha_only_on_edges():
   c2w, intrinsics = orbits.cameras_from_angles([0.0], [0.0], 3.0, 40.0)
   packed = procedural.pack_assets([[_primitive("sphere", scale=(0.8,) * 3)]], 1)

@@ -61,11 +61,16 @@ def test_timesteps_match_diffusers(spacing, num_steps):
     assert samplers.timesteps_for(s, num_steps, spacing)[0] == 999
 
 
-def _diffusers_loop(scheduler, x, num_steps, noises=None, eta=0.0):
+def _diffusers_loop(scheduler, x, num_steps, noises=None, eta=0.0, known=None):
+  """diffusers' step loop; ``known=(x0, mask, noise)`` replaces those values first each step."""
   scheduler.set_timesteps(num_steps)
   x = torch.from_numpy(x)
   xs = []
   for i, t in enumerate(scheduler.timesteps):
+    if known is not None:
+      x0, mask, noise = (torch.from_numpy(np.asarray(a)) for a in known)
+      noised = scheduler.add_noise(x0, noise, torch.full((x.shape[0],), int(t)))
+      x = torch.where(mask, noised, x)
     out = _torch_model(x, int(t))
     kwargs = {}
     if noises is not None:
@@ -230,3 +235,51 @@ def test_gaussian_data_follows_the_probability_flow():
   assert ddim_err < 3e-3, ddim_err
   assert dpm_err < 5e-4, dpm_err
   assert dpm_err < ddim_err / 3, (dpm_err, ddim_err)
+
+
+def _known():
+  rng = np.random.default_rng(7)
+  x0 = rng.uniform(-1, 1, SHAPE).astype(np.float32)
+  mask = np.zeros(SHAPE[:2] + (1, 1, 1), bool)
+  mask[0, 0] = True  # frame 0 of the first example is given; the second has none
+  noise = rng.standard_normal(SHAPE).astype(np.float32)
+  return x0, np.broadcast_to(mask, SHAPE), noise
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver_pp"])
+def test_known_frames_are_the_replacement_method(solver):
+  """Replacing given values by their noised versions before each step, as a diffusers loop does
+  with ``scheduler.add_noise``; the output holds them exactly, the rest follows from them."""
+  x0, mask, noise = _known()
+  num_steps = 10
+  if solver == "ddim":
+    ref = diffusers.DDIMScheduler(**BETAS, prediction_type="v_prediction",
+                                  rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                  clip_sample=False)
+    fn = samplers.ddim_sample
+  else:
+    ref = diffusers.DPMSolverMultistepScheduler(
+        **BETAS, algorithm_type="dpmsolver++", solver_order=2, prediction_type="v_prediction",
+        rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    fn = samplers.dpm_solver_pp_sample
+  x_T = _noise(4)
+  expected = _diffusers_loop(ref, x_T, num_steps, known=(x0, mask, noise))
+  known = samplers.Known(jnp.asarray(x0), jnp.asarray(mask[:, :, :1, :1, :1]), jnp.asarray(noise))
+  s = _ours("v_prediction", True)
+  final, traj = jax.jit(lambda x: fn(_jnp_model, s, x, num_steps, known=known,
+                                     return_trajectory=True))(jnp.asarray(x_T))
+  errors = [_relative_error(a, b) for a, b in zip(traj["x"], expected)]
+  assert max(errors) < 1e-5, errors
+  final = np.asarray(final)
+  np.testing.assert_array_equal(final[mask], x0[mask])
+  np.testing.assert_array_equal(final[~mask], np.asarray(traj["x"][-1])[~mask])
+  # Through a model that mixes frames, the given values steer the others.
+  mixing = lambda x, t: _jnp_model(x, t) + 0.5 * jnp.mean(x, axis=1, keepdims=True)
+  plain = np.asarray(fn(mixing, s, jnp.asarray(x_T), num_steps))
+  steered = np.asarray(fn(mixing, s, jnp.asarray(x_T), num_steps, known=known))
+  assert np.abs(plain[0, 1:] - steered[0, 1:]).max() > 1e-2
+  np.testing.assert_allclose(plain[1], steered[1], atol=1e-5)  # the example with nothing given
+  # Nothing given at all: exactly the plain sampler.
+  nothing = samplers.Known(known.x0, jnp.zeros_like(known.mask), known.noise)
+  np.testing.assert_allclose(np.asarray(fn(mixing, s, jnp.asarray(x_T), num_steps,
+                                           known=nothing)), plain, atol=1e-5)

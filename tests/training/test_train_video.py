@@ -150,6 +150,36 @@ def test_video_model_equals_the_image_model_per_frame_at_initialisation(records,
   np.testing.assert_allclose(np.asarray(got), np.asarray(per_frame), atol=1e-5)
 
 
+def test_direction_losses_are_blind_to_order_for_frame_independent_models(records, image_run):
+  """Identity adapters score an orbit and its mirror exactly alike; working adapters do not."""
+  np.testing.assert_array_equal(video_trainer.mirrored_order(5), [0, 4, 3, 2, 1])
+  config = _config("video", records)
+  video = model_lib.VideoModel(model_lib.spec_from_config(config))
+  params = model_lib.initial_params(video, jax.random.key(3),
+                                    unet=os.path.join(image_run, "export"))
+  frames = np.random.default_rng(0).uniform(size=(2, FRAMES, SIZE, SIZE, 3)).astype(np.float32)
+  prompts = ["a red cube", "a blue torus"]
+  key = jax.random.key(5)
+  losses = video_trainer.direction_losses(video, params, {}, frames, prompts, key,
+                                          timesteps=(200, 800), repeats=1)
+  assert set(losses) == {"forward", "mirrored", "static"}
+  assert losses["forward"].shape == (2,) and np.all(losses["forward"] > 0)
+  np.testing.assert_allclose(losses["mirrored"], losses["forward"], rtol=1e-5)
+  assert np.all(np.abs(losses["static"] - losses["forward"]) > 1e-4)
+  # Non-zero adapters mix frames, so the order of the orbit matters.
+  adapters, frozen = video_trainer.split_params(config, params)
+  keys = iter(jax.random.split(jax.random.key(9), len(jax.tree.leaves(adapters))))
+  adapters = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape), adapters)
+  mixed = video_trainer.merge_params(adapters, frozen)
+  losses = video_trainer.direction_losses(video, mixed, {}, frames, prompts, key,
+                                          timesteps=(200, 800), repeats=1)
+  assert np.abs(losses["mirrored"] - losses["forward"]).max() > 1e-4
+  scores = video_trainer.direction_loss_scores(losses)
+  assert scores["direction_loss_gain"] == pytest.approx(
+      float(np.mean(losses["mirrored"] - losses["forward"])))
+  assert 0.0 <= scores["direction_loss_positive"] <= 1.0
+
+
 def test_first_frame_condition_layout():
   config = video_configs.get_config("tiny")
   model = model_lib.VideoModel(model_lib.spec_from_config(config))

@@ -127,7 +127,20 @@ def _rotation_z(angle: float) -> np.ndarray:
 _LYING = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], np.float64)  # +90 deg about x
 
 
-def _sample_shape(rng: np.random.Generator) -> dict:
+_PATTERN_WEIGHTS = (0.6, 0.2, 0.2)
+
+
+def _pattern_weights(patterns) -> np.ndarray:
+  """Probabilities over PATTERNS restricted to ``patterns`` (renormalised)."""
+  unknown = set(patterns) - set(PATTERNS)
+  if unknown or not patterns:
+    raise ValueError(f"patterns must be a non-empty subset of {PATTERNS}, got {patterns}")
+  weights = np.array([w if name in patterns else 0.0
+                      for name, w in zip(PATTERNS, _PATTERN_WEIGHTS)])
+  return weights / weights.sum()
+
+
+def _sample_shape(rng: np.random.Generator, pattern_weights: np.ndarray) -> dict:
   """A primitive resting at the origin (bottom at ``z = 0``) and its noun."""
   shape = rng.choice(_SHAPES, p=_SHAPE_WEIGHTS)
   size = rng.uniform(0.35, 0.6)
@@ -161,7 +174,7 @@ def _sample_shape(rng: np.random.Generator) -> dict:
   rotation = _rotation_z(rng.uniform(0, 2 * math.pi)) @ rotation
   color_names = list(PALETTE)
   name_a = color_names[rng.integers(len(color_names))]
-  pattern = rng.choice(PATTERNS, p=(0.6, 0.2, 0.2))
+  pattern = rng.choice(PATTERNS, p=pattern_weights)
   name_b = name_a
   if pattern != "solid":
     others = [c for c in color_names if c != name_a]
@@ -190,25 +203,29 @@ def _moved(primitive: Primitive, delta: np.ndarray) -> Primitive:
   return dataclasses.replace(primitive, center=primitive.center + delta)
 
 
-def sample_asset(seed: int, index: int, max_primitives: int = 4) -> ProceduralAsset:
+def sample_asset(seed: int, index: int, max_primitives: int = 4,
+                 patterns=PATTERNS) -> ProceduralAsset:
   """The ``index``-th asset of the procedural dataset with ``seed``.
 
   Args:
     seed: dataset seed.
     index: asset number.
     max_primitives: most primitives in one asset (at least 1).
+    patterns: the surface patterns allowed (a subset of ``PATTERNS``); with
+      all of them (the default) assets are those of earlier releases.
 
   Returns:
     A normalised ``ProceduralAsset``; the same arguments give the same asset.
   """
   rng = np.random.default_rng([seed, index, 0x5EED])
+  pattern_weights = _pattern_weights(tuple(patterns))
   count = int(rng.choice(np.arange(1, max_primitives + 1),
                          p=_count_weights(max_primitives)))
-  base = _sample_shape(rng)
+  base = _sample_shape(rng, pattern_weights)
   stack = [base]
   side = []
   for _ in range(count - 1):
-    part = _sample_shape(rng)
+    part = _sample_shape(rng, pattern_weights)
     if rng.uniform() < 0.55:
       stack.append(part)
     else:

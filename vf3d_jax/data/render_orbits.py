@@ -74,8 +74,10 @@ def num_assets(config) -> int:
 
 def _render_procedural(config, indices):
   """``[(asset_id, caption, rgba [V, R, R, 4] uint8)]`` for procedural assets."""
-  assets = [procedural.sample_asset(int(config.seed), i, int(config.procedural.max_primitives))
-            for i in indices]
+  patterns = tuple(p.strip() for p in str(config.procedural.get("patterns", "")).split(",")
+                   if p.strip()) or procedural.PATTERNS
+  assets = [procedural.sample_asset(int(config.seed), i, int(config.procedural.max_primitives),
+                                    patterns) for i in indices]
   cams = [asset_views(config, i) for i in indices]
   # Pad the batch to a fixed size so one compiled function serves every batch.
   padding = int(config.batch_size) - len(assets)

@@ -15,11 +15,18 @@ arguments so they are not baked in as constants, e.g.
       return ddim_sample(lambda x, t: unet.apply(params, x, t, ctx, cond), sched, x_T, 25)
 
 Sampling is done in float32 whatever the dtype of ``x_T``.
+
+Both also take ``known``: parts of the sample that are given (e.g. a video's
+first frame). Before every model call those parts of ``x_t`` are replaced by
+the given clean values noised to the step's level with fixed noise,
+``sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` (the replacement method of Ho et al.
+2022, "Video Diffusion Models"), so the model sees them as it saw them in
+training, and the result holds them exactly.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +35,23 @@ import numpy as np
 from vf3d_jax.diffusion.schedule import Schedule, eps_from_output, x0_from_output
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Known(NamedTuple):
+  """Given parts of a sample: ``where(mask, x0, ...)``, noised with ``noise``."""
+  x0: jax.Array  # [B, ...] clean values
+  mask: jax.Array  # bool, broadcastable to [B, ...]: True where x0 holds
+  noise: jax.Array  # [B, ...] the fixed noise they are noised with
+
+
+def _replace(known: Optional[Known], x: jax.Array, alpha, sigma) -> jax.Array:
+  if known is None:
+    return x
+  return jnp.where(known.mask, alpha * known.x0 + sigma * known.noise, x)
+
+
+def _finish(known: Optional[Known], x: jax.Array) -> jax.Array:
+  return x if known is None else jnp.where(known.mask, known.x0.astype(x.dtype), x)
 SPACINGS = ("trailing", "leading", "linspace")
 # diffusers' DPMSolverMultistepScheduler replaces ᾱ_{T-1} = 0 of a zero-terminal
 # SNR schedule by this (float16's smallest subnormal) so that the first sigma
@@ -89,6 +113,7 @@ def ddim_sample(model_fn: ModelFn,
                 steps_offset: int = 0,
                 set_alpha_to_one: bool = True,
                 clip_x0: Optional[float] = None,
+                known: Optional[Known] = None,
                 return_trajectory: bool = False):
   """DDIM (Song et al. 2021), equal to diffusers' ``DDIMScheduler.step`` loop.
 
@@ -119,6 +144,7 @@ def ddim_sample(model_fn: ModelFn,
     spacing, steps_offset: see ``timesteps_for``.
     set_alpha_to_one: the final ``ᾱ_prev`` is 1 (else ``ᾱ_0``).
     clip_x0: clamp the x0 estimate to ``[-clip_x0, clip_x0]`` (None: no clip).
+    known: given parts of the sample (see the module docstring), or None.
     return_trajectory: also return ``{"x": [num_steps, B, ...] samples after
       each step, "x0": [num_steps, B, ...] x0 estimates, "t": [num_steps]}``.
 
@@ -146,8 +172,9 @@ def ddim_sample(model_fn: ModelFn,
 
   def step(x, inputs):
     i, t, a, ap, sd, dc = inputs
-    out = model_fn(x, _batch_t(t, x)).astype(jnp.float32)
     alpha, sigma = jnp.sqrt(a), jnp.sqrt(1.0 - a)
+    x = _replace(known, x, alpha, sigma)
+    out = model_fn(x, _batch_t(t, x)).astype(jnp.float32)
     x0 = x0_from_output(s.prediction_type, x, out, alpha, sigma)
     eps = eps_from_output(s.prediction_type, x, out, alpha, sigma)
     if clip_x0 is not None:
@@ -159,6 +186,7 @@ def ddim_sample(model_fn: ModelFn,
 
   xs = (jnp.arange(len(ts)), jnp.asarray(ts, jnp.int32), a_t, a_prev, std, direction)
   x, traj = jax.lax.scan(step, x_T.astype(jnp.float32), xs)
+  x = _finish(known, x)
   if return_trajectory:
     return x, {"x": traj[0], "x0": traj[1], "t": jnp.asarray(ts, jnp.int32)}
   return x
@@ -174,6 +202,7 @@ def dpm_solver_pp_sample(model_fn: ModelFn,
                          steps_offset: int = 0,
                          lower_order_final: bool = True,
                          final_sigma: str = "zero",
+                         known: Optional[Known] = None,
                          return_trajectory: bool = False):
   """Multistep DPM-Solver++ (Lu et al. 2022) in data-prediction form.
 
@@ -200,6 +229,7 @@ def dpm_solver_pp_sample(model_fn: ModelFn,
     spacing, steps_offset: see ``timesteps_for`` (``solver="dpm_solver"``).
     lower_order_final: see above.
     final_sigma: ``"zero"`` or ``"sigma_min"``.
+    known: given parts of the sample (see the module docstring), or None.
     return_trajectory: also return ``{"x", "x0", "t"}`` as ``ddim_sample``.
 
   Returns:
@@ -234,6 +264,7 @@ def dpm_solver_pp_sample(model_fn: ModelFn,
   def step(carry, inputs):
     x, x0_prev = carry
     t, a, sg, cx, cx0, cd = inputs
+    x = _replace(known, x, a, sg)
     out = model_fn(x, _batch_t(t, x)).astype(jnp.float32)
     x0 = x0_from_output(s.prediction_type, x, out, a, sg)
     x_next = cx * x + cx0 * x0 + cd * (x0 - x0_prev)
@@ -242,6 +273,7 @@ def dpm_solver_pp_sample(model_fn: ModelFn,
   x_T = x_T.astype(jnp.float32)
   xs = (jnp.asarray(ts, jnp.int32), alpha[:-1], sigma[:-1], coef_x, coef_x0, coef_diff)
   (x, _), traj = jax.lax.scan(step, (x_T, jnp.zeros_like(x_T)), xs)
+  x = _finish(known, x)
   if return_trajectory:
     return x, {"x": traj[0], "x0": traj[1], "t": jnp.asarray(ts, jnp.int32)}
   return x

@@ -6,6 +6,12 @@ two-way classifier-free guidance (one batched UNet call of three passes a
 step: no condition, image only, image and text), and the decoding to frames.
 Without a first frame the image condition is the null one, so the guidance
 reduces to ordinary text guidance.
+
+With ``replace_first_frame`` the first frame is also held in the sample itself:
+before each model call frame 0 of ``x_t`` is set to the first frame noised to
+that step's level (``samplers.Known``), as the model saw it in training, where
+frame 0 of ``x_t`` is always the noised true first frame; the output's frame 0
+is then the given frame.
 """
 
 from __future__ import annotations
@@ -36,11 +42,14 @@ class SampleOptions:
   # Two-way guidance weights.
   image_scale: float = 2.0
   text_scale: float = 5.0
+  # Hold the first frame in x_t at every step (see the module docstring).
+  replace_first_frame: bool = False
 
   @classmethod
   def from_config(cls, config) -> "SampleOptions":
     return cls(sampler=config.sampler, num_steps=int(config.num_steps), eta=float(config.eta),
-               image_scale=float(config.image_scale), text_scale=float(config.text_scale))
+               image_scale=float(config.image_scale), text_scale=float(config.text_scale),
+               replace_first_frame=bool(config.get("replace_first_frame", False)))
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -53,7 +62,7 @@ class SampleOptions:
 def _sample(model: VideoModel, options: SampleOptions, params, encoders, tokens, null_tokens,
             first_frames, has_image, key):
   batch = tokens.shape[0]
-  key_noise, key_vae, key_eta = jax.random.split(key, 3)
+  key_noise, key_vae, key_eta, key_known = jax.random.split(key, 4)
   context = model.context(params, encoders, tokens)
   context_null = model.context(params, encoders, null_tokens)
   shape = model.latent_shape(batch)
@@ -69,11 +78,18 @@ def _sample(model: VideoModel, options: SampleOptions, params, encoders, tokens,
       condition_null=jnp.zeros_like(condition), image_scale=options.image_scale,
       text_scale=options.text_scale)
   x_T = jax.random.normal(key_noise, shape, jnp.float32)
+  known = None
+  if options.replace_first_frame and model.spec.unet.condition_channels:
+    frame0 = (jnp.arange(shape[1]) == 0)[None, :] & has_image[:, None]
+    known = samplers.Known(x0=first, mask=frame0.reshape(frame0.shape + (1,) * (len(shape) - 2)),
+                           noise=jax.random.normal(key_known, shape, jnp.float32))
   if options.sampler == "ddim":
     latents = samplers.ddim_sample(model_fn, model.schedule, x_T, options.num_steps,
-                                   eta=options.eta, key=key_eta if options.eta else None)
+                                   eta=options.eta, key=key_eta if options.eta else None,
+                                   known=known)
   else:
-    latents = samplers.dpm_solver_pp_sample(model_fn, model.schedule, x_T, options.num_steps)
+    latents = samplers.dpm_solver_pp_sample(model_fn, model.schedule, x_T, options.num_steps,
+                                            known=known)
   return model.decode(encoders, latents)
 
 
