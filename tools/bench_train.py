@@ -131,7 +131,8 @@ def measure(batch: int) -> dict:
       batch, config.train.num_views, arch.input_size, stage.render_resolution, stage.crop_size))
   key = jax.random.key(0)
 
-  def jitted(config, model):
+  def jitted(config, model, mesh):
+    state_sharding = sharding.tree_shardings(mesh, abstract, config.train.fsdp)
     loss_fn = functools.partial(lrm_trainer.compute_losses, model=model, stage=stage,
                                 config=config, lpips_params=lpips_params, mesh=mesh)
     return jax.jit(functools.partial(lrm_trainer.train_step, optimizer=optimizer,
@@ -141,24 +142,30 @@ def measure(batch: int) -> dict:
                    out_shardings=(state_sharding, sharding.replicated(mesh)),
                    donate_argnums=(0,))
 
-  # Model FLOPs: the same step without rematerialisation, with every ray of an
-  # object in one renderer chunk (XLA's cost analysis counts a loop body once).
+  # Model FLOPs: the whole step on one device (so no part is counted per shard),
+  # without rematerialisation and with every ray of an object in one renderer
+  # chunk (XLA's cost analysis counts a loop body once). Lowered, not compiled.
   plain = _config(batch)
   plain.train.remat = plain.train.remat_renderer = False
   plain.train.render_chunk = config.train.num_views * stage.crop_size ** 2
-  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                abstract, state_sharding)
-  model_flops = _flops(jitted(plain, lrm_trainer.model_from_config(plain)[1]).lower(
-      abstract_state, data, key).cost_analysis())
+  plain.train.fsdp = False
+  one = sharding.make_mesh(1)
+  like = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  one_state = like(abstract, sharding.tree_shardings(one, abstract, False))
+  one_data = like(data, jax.tree.map(lambda _: sharding.batch_sharding(one), data))
+  model_flops = _flops(jitted(plain, lrm_trainer.model_from_config(plain)[1], one).lower(
+      one_state, one_data, key).cost_analysis())
 
   result = {"batch": batch}
   try:
     state = jax.jit(lambda k: TrainState(jnp.zeros((), jnp.int32), init_params(arch, k),
                                          optimizer.init(init_params(arch, k))),
                     out_shardings=state_sharding)(jax.random.key(0))
-    step = jitted(config, model)
-    compiled = step.lower(state, data, key).compile()
+    compiled = jitted(config, model, mesh).lower(state, data, key).compile()
+    # Per device for a partitioned step: scale to the whole step.
     xla_flops = _flops(compiled.cost_analysis())
+    xla_flops = None if xla_flops is None else xla_flops * len(mesh.devices.flat)
 
     def run():
       nonlocal state
@@ -179,7 +186,7 @@ def measure(batch: int) -> dict:
       "model_tflop": None if model_flops is None else round(model_flops / 1e12, 3),
       "xla_tflop": None if xla_flops is None else round(xla_flops / 1e12, 3),
       "mfu": (None if model_flops is None or peak is None
-              else round(model_flops / seconds / (peak * 1e12 * len(jax.devices())), 4)),
+              else round(model_flops / seconds / (peak * 1e12 * len(mesh.devices.flat)), 4)),
       "params": count_params(state.params)})
   return result
 
