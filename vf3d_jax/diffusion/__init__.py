@@ -7,6 +7,7 @@ from vf3d_jax.diffusion.guidance import combine
 from vf3d_jax.diffusion.guidance import drop_conditions
 from vf3d_jax.diffusion.guidance import guided_model_fn
 from vf3d_jax.diffusion.guidance import text_guided_model_fn
+from vf3d_jax.diffusion.samplers import Known
 from vf3d_jax.diffusion.samplers import ddim_sample
 from vf3d_jax.diffusion.samplers import dpm_solver_pp_sample
 from vf3d_jax.diffusion.samplers import timesteps_for
