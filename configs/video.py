@@ -19,6 +19,7 @@ Variants (the argument after the colon):
     python -m tools.render_orbits --config configs/render.py:procedural \
         --config.num_assets=1024 --config.resolution=64 --config.views.num_random_views=0 \
         --config.views.radius=2.4 --config.views.orbit_elevation_min=0.26 \
+        --config.procedural.patterns=solid --config.procedural.max_primitives=3 \
         --config.output_dir=data --config.name=orbits
     python -m vf3d_jax.train_video --config configs/video.py:tiny_image --workdir runs/image \
         --config.data.train=data/orbits/1.0.0
