@@ -159,9 +159,11 @@ def measure(batch: int) -> dict:
 
   result = {"batch": batch}
   try:
-    state = jax.jit(lambda k: TrainState(jnp.zeros((), jnp.int32), init_params(arch, k),
-                                         optimizer.init(init_params(arch, k))),
-                    out_shardings=state_sharding)(jax.random.key(0))
+    def init_state(rng):
+      params = init_params(arch, rng)
+      return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(0))
     compiled = jitted(config, model, mesh).lower(state, data, key).compile()
     # Per device for a partitioned step: scale to the whole step.
     xla_flops = _flops(compiled.cost_analysis())

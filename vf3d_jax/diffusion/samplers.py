@@ -35,6 +35,11 @@ import numpy as np
 from vf3d_jax.diffusion.schedule import Schedule, eps_from_output, x0_from_output
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+SPACINGS = ("trailing", "leading", "linspace")
+# diffusers' DPMSolverMultistepScheduler replaces ᾱ_{T-1} = 0 of a zero-terminal
+# SNR schedule by this (float16's smallest subnormal) so that the first sigma
+# (~4096) and log-SNR are finite.
+DPM_MIN_ALPHA_CUMPROD = 2.0**-24
 
 
 class Known(NamedTuple):
@@ -52,11 +57,6 @@ def _replace(known: Optional[Known], x: jax.Array, alpha, sigma) -> jax.Array:
 
 def _finish(known: Optional[Known], x: jax.Array) -> jax.Array:
   return x if known is None else jnp.where(known.mask, known.x0.astype(x.dtype), x)
-SPACINGS = ("trailing", "leading", "linspace")
-# diffusers' DPMSolverMultistepScheduler replaces ᾱ_{T-1} = 0 of a zero-terminal
-# SNR schedule by this (float16's smallest subnormal) so that the first sigma
-# (~4096) and log-SNR are finite.
-DPM_MIN_ALPHA_CUMPROD = 2.0**-24
 
 
 def timesteps_for(s: Schedule, num_steps: int, spacing: str = "trailing", *,

@@ -213,7 +213,7 @@ def mirrored_order(frames: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _clip_losses(model: model_lib.VideoModel, params, encoders, x0, context, noise, t):
+def _clip_losses(model: model_lib.VideoModel, params, x0, context, noise, t):
   """Per-clip mean squared error of the model's output on frames ``1..F-1``."""
   condition = model.first_frame_condition(x0, jnp.ones((x0.shape[0],), bool))
   x_t = schedule_lib.add_noise(model.schedule, x0, noise, t)
@@ -263,7 +263,7 @@ def direction_losses(model: model_lib.VideoModel, params, encoders, frames, prom
       for name, (clip, permutation) in variants.items():
         n = noise if permutation is None else noise[:, permutation]
         totals[name] = totals[name] + np.asarray(
-            _clip_losses(model, params, encoders, clip, context, n, t))
+            _clip_losses(model, params, clip, context, n, t))
       draws += 1
   return {name: total / draws for name, total in totals.items()}
 
