@@ -116,6 +116,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.b2 = 0.999
   t.weight_decay = 0.01
   t.grad_clip = 1.0
+  # Moving average of the trained parameters, used for samples and the export
+  # (0: none, the last parameters are used).
+  t.ema_decay = 0.0
   # Parameters that train (regex over paths like unet/down_blocks_0/...) and,
   # within them, ones kept frozen.
   t.trainable = ADAPTERS

@@ -107,6 +107,28 @@ def test_trainable_regex_trains_only_matching_parameters():
     optim.make_optimizer(_optim_config(trainable="no_such_parameter"), params)
 
 
+def test_parameter_ema_follows_the_trained_parameters_with_a_warmup():
+  params = {"encoder": {"w": jnp.ones((2, 2))}, "head": {"w": jnp.full((2, 2), 2.0)}}
+  config = _optim_config(frozen="^encoder/", weight_decay=0.0, ema_decay=0.5)
+  tx, _ = optim.make_optimizer(config, params)
+  state = tx.init(params)
+  ema = jax.tree.map(np.asarray, params)
+  grads = {"encoder": {"w": jnp.ones((2, 2))}, "head": {"w": jnp.arange(4.0).reshape(2, 2)}}
+  for n in range(4):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    rate = min(0.5, (1 + n) / (10 + n))
+    ema = jax.tree.map(lambda e, p: rate * e + (1 - rate) * np.asarray(p), ema, params)
+  got = optim.ema_params(state)
+  for path in (("encoder", "w"), ("head", "w")):
+    np.testing.assert_allclose(got[path[0]][path[1]], ema[path[0]][path[1]], rtol=1e-6)
+  np.testing.assert_array_equal(got["encoder"]["w"], 1.0)  # frozen: the average is the value
+  assert not np.allclose(got["head"]["w"], params["head"]["w"])  # it lags the trained ones
+  assert optim.ema_params(optim.make_optimizer(_optim_config(), params)[0].init(params)) is None
+  with pytest.raises(ValueError, match="ema_decay must be in"):
+    optim.make_optimizer(_optim_config(ema_decay=1.0), params)
+
+
 def test_fsdp_shards_large_tensors_along_a_divisible_axis():
   mesh = sharding.make_mesh()
   assert mesh.shape[sharding.DATA_AXIS] == 4

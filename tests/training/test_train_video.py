@@ -132,6 +132,26 @@ def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tm
     cli.sample_to_folder(sample_config, model_path=str(tmp_path), output=out, prompts=["x"])
 
 
+def test_moving_average_is_resumed_and_exported(records, image_run, tmp_path):
+  config = _config("video", records, ema_decay=0.9, steps=1, sample_every=0)
+  config.init.unet = os.path.join(image_run, "export")
+  workdir = str(tmp_path / "ema")
+  video_trainer.train_and_evaluate(config, workdir)
+  config.train.steps = 2
+  state = video_trainer.train_and_evaluate(config, workdir)  # resumes the average too
+  ema = flat(video_trainer.optim.ema_params(state.opt_state))
+  last = flat(state.params)
+  _, exported = model_lib.load_export(os.path.join(workdir, "export"))
+  exported = flat(exported)
+  image = flat(model_lib.load_export(config.init.unet)[1])
+  for path, value in exported.items():
+    if path in ema:
+      np.testing.assert_array_equal(value, ema[path], err_msg=path)
+    else:
+      np.testing.assert_array_equal(value, image[path], err_msg=path)
+  assert any(not np.array_equal(ema[p], last[p]) for p in ema)
+
+
 def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):
   """With fresh (identity) adapters the video model reproduces its image model."""
   config = _config("video", records)

@@ -8,14 +8,21 @@ paths (``encoder/layer_3/fc1/kernel``), big_vision style:
   others are frozen (e.g. the temporal adapters of the video model);
 * weight decay applies only to matrices and tables (ndim >= 2), never to biases,
   LayerNorm scales or LayerScale vectors.
+
+``ema_decay`` > 0 adds an exponential moving average of the trained parameters
+(the weights diffusion models are usually sampled with). It lives in the
+optimizer state, Praxis style, so it is sharded, checkpointed and restored with
+it; ``ema_params(opt_state)`` reads it.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, NamedTuple
 
 import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -42,13 +49,52 @@ def learning_rate_schedule(config) -> optax.Schedule:
       end_value=config.lr * config.final_lr_fraction)
 
 
+class EmaState(NamedTuple):
+  count: jax.Array
+  ema_params: Any
+
+
+def parameter_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps an exponential moving average of the parameters after each update.
+
+  The updates pass through unchanged, so this goes last in a chain. Early on
+  the decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the
+  average is not dominated by the initial parameters.
+  """
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+
+  def init(params):
+    return EmaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("parameter_ema needs the parameters: optimizer.update(grads, state, params)")
+    n = state.count.astype(jnp.float32)
+    rate = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    new = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: (rate * e + (1.0 - rate) * p).astype(e.dtype),
+                       state.ema_params, new)
+    return updates, EmaState(state.count + 1, ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state) -> Any | None:
+  """The moving average kept by ``parameter_ema`` in ``opt_state``, or None."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+           if isinstance(s, EmaState)]
+  return found[0].ema_params if found else None
+
+
 def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW over the trainable parameters of ``params`` (a tree or its shapes).
 
   Args:
     config: ``lr, warmup_steps, steps, final_lr_fraction, b1, b2, weight_decay,
       grad_clip, frozen`` (a regex; "" freezes nothing) and optionally
-      ``trainable`` (a regex; "" or absent trains everything not frozen).
+      ``trainable`` (a regex; "" or absent trains everything not frozen) and
+      ``ema_decay`` (0 or absent: no moving average).
     params: the parameter tree (arrays or ShapeDtypeStructs).
   """
   schedule = learning_rate_schedule(config)
@@ -66,4 +112,6 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
                        "parameter")
     optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
                                       labels)
+  if config.get("ema_decay", 0.0):
+    optimizer = optax.chain(optimizer, parameter_ema(config.ema_decay))
   return optimizer, schedule

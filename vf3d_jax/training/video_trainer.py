@@ -21,7 +21,8 @@ on SIGTERM, stops with a clear message when the loss is not finite, writes
 samples (a PNG grid, an mp4) of held-out clips every ``train.sample_every``
 steps with their consistency scores (``consistency_scores``) and the held-out
 orbits' direction test (``direction_losses``), and at the end exports the full model to
-``workdir/export`` for sampling or the next stage.
+``workdir/export`` for sampling or the next stage. With ``train.ema_decay`` set,
+samples and the export use the moving average of the trained parameters.
 """
 
 from __future__ import annotations
@@ -359,6 +360,13 @@ def _check_config(config, model: model_lib.VideoModel) -> None:
     raise ValueError("stage 'video' needs first-frame conditioning (model.condition_channels)")
 
 
+def model_params(state: TrainState, frozen) -> dict:
+  """The whole model's parameters to sample and export: the trained ones' moving
+  average when ``train.ema_decay`` is set, else the trained ones, with the frozen."""
+  ema = optim.ema_params(state.opt_state)
+  return merge_params(state.params if ema is None else ema, frozen)
+
+
 def export_model(workdir: str, spec: model_lib.VideoSpec, params) -> str:
   """Writes ``workdir/export`` (replacing an older one) for sampling or the next stage."""
   target = os.path.join(workdir, "export")
@@ -440,7 +448,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                                      for k, v in sorted(metrics.items())))
       if sampler is not None and (step % config.train.sample_every == 0
                                   or step == config.train.steps):
-        sampler(merge_params(state.params, frozen), encoders, step)
+        sampler(model_params(state, frozen), encoders, step)
         last_log = time.perf_counter()  # sampling time is not training throughput
       if (step % config.train.checkpoint_every == 0 or step == config.train.steps
           or preemption.requested):
@@ -451,7 +459,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   checkpointer.close()
   writer.close()
   if step >= config.train.steps and jax.process_index() == 0:
-    path = export_model(workdir, spec, merge_params(state.params, frozen))
+    path = export_model(workdir, spec, model_params(state, frozen))
     logging.info("exported the model to %s", path)
   return state
 
