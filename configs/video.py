@@ -153,6 +153,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Two-way guidance: x(0) + image_scale [x(I) - x(0)] + text_scale [x(I, p) - x(I)].
   s.image_scale = 2.0
   s.text_scale = 5.0
+  # Guidance rescale φ of the zero-terminal-SNR paper (0: none; they use 0.7).
+  s.guidance_rescale = 0.0
   # Hold the first frame in x_t at every step as well (vf3d_jax/video/sampling.py).
   s.replace_first_frame = False
   # Held-out clips sampled during training (and scored against their renders).

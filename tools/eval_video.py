@@ -44,6 +44,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Sampler steps.")
 _SAMPLER = flags.DEFINE_string("sampler", "ddim", "ddim or dpm_solver_pp.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Clips per sampling call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi (0: none).")
 _REPLACE = flags.DEFINE_bool("replace_first_frame", False,
                              "Hold the first frame in x_t at every step as well.")
 _OUTPUT = flags.DEFINE_string("output", "", "Folder for the grids and scores.jsonl.")
@@ -79,6 +80,7 @@ def main(argv):
     image_scale, text_scale = (float(v) for v in setting.split(","))
     options = sampling.SampleOptions(sampler=_SAMPLER.value, num_steps=_STEPS.value,
                                      image_scale=image_scale, text_scale=text_scale,
+                                     guidance_rescale=_RESCALE.value,
                                      replace_first_frame=_REPLACE.value)
     samples = []
     for start in range(0, len(prompts), _BATCH.value):
@@ -91,7 +93,8 @@ def main(argv):
     scores["first_psnr"] = float(jnp.mean(metrics_lib.psnr(jnp.asarray(samples[:, 0]),
                                                             jnp.asarray(truth[:, 0]))))
     line = {"image_scale": image_scale, "text_scale": text_scale, "sampler": _SAMPLER.value,
-            "steps": _STEPS.value, "replace_first_frame": _REPLACE.value,
+            "steps": _STEPS.value, "guidance_rescale": _RESCALE.value,
+            "replace_first_frame": _REPLACE.value,
             "num_videos": len(prompts), **scores}
     print(json.dumps(line))
     if _OUTPUT.value:
@@ -99,7 +102,9 @@ def main(argv):
         f.write(json.dumps(line) + "\n")
       rows = [r for pair in zip(truth[:8], samples[:8]) for r in pair]
       grid = (np.clip(video_trainer.clip_grid(rows), 0, 1) * 255).round().astype(np.uint8)
-      name = f"img{image_scale:g}_txt{text_scale:g}" + ("_replace" if _REPLACE.value else "")
+      name = (f"img{image_scale:g}_txt{text_scale:g}"
+              + (f"_rescale{_RESCALE.value:g}" if _RESCALE.value else "")
+              + ("_replace" if _REPLACE.value else ""))
       Image.fromarray(grid).save(os.path.join(_OUTPUT.value, f"grid_{name}.png"))
       # The clips themselves, [B, F, R, R, 3] in [0, 1], for other scores.
       np.save(os.path.join(_OUTPUT.value, f"samples_{name}.npy"), samples.astype(np.float32))

@@ -35,6 +35,34 @@ def test_combine_special_cases():
                              u + 2.5 * (i - u) + 7.0 * (f - i), atol=1e-5)
 
 
+def test_guidance_rescale_matches_diffusers():
+  torch = pytest.importorskip("torch")
+  pipeline = pytest.importorskip("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+  rng = np.random.default_rng(1)
+  u, i, f = (rng.standard_normal((B, F, H, W, C)).astype(np.float32) for _ in range(3))
+  f = 0.5 * f  # the conditional pass at a smaller scale than the guided output
+  guided = np.asarray(guidance.combine(u, i, f, 2.0, 5.0))
+  for phi in (0.0, 0.7, 1.0):
+    ours = guidance.combine(u, i, f, 2.0, 5.0, rescale=phi)
+    theirs = pipeline.rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(f),
+                                        guidance_rescale=phi).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  full = np.asarray(guidance.combine(u, i, f, 2.0, 5.0, rescale=1.0))
+  np.testing.assert_allclose(full.reshape(B, -1).std(axis=1), f.reshape(B, -1).std(axis=1),
+                             rtol=1e-5)
+  assert np.abs(full - guided).max() > 0.1
+  # The two-pass text guidance rescales the same way.
+  inp = _inputs()
+  two = guidance.text_guided_model_fn(_toy_apply, context=inp["context"],
+                                      context_null=inp["context_null"],
+                                      condition=inp["condition"], text_scale=4.0, rescale=0.7)
+  three = guidance.guided_model_fn(_toy_apply, context=inp["context"],
+                                   context_null=inp["context_null"], condition=inp["condition"],
+                                   image_scale=1.0, text_scale=4.0, rescale=0.7)
+  np.testing.assert_allclose(two(inp["x"], inp["t"]), three(inp["x"], inp["t"]), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_batched_guidance_equals_three_separate_calls():
   inp = _inputs()
   calls = []

@@ -260,6 +260,8 @@ def test_sampling_is_deterministic_per_seed_and_checks_inputs(image_run):
                           first_frames=np.zeros((1, SIZE, SIZE, 3)), options=options)
   with pytest.raises(ValueError, match="sampler must be one of"):
     sampling.SampleOptions(sampler="euler")
+  with pytest.raises(ValueError, match="guidance_rescale must be in"):
+    sampling.SampleOptions(guidance_rescale=1.5)
 
 
 def _sd_folder(root):

@@ -24,6 +24,13 @@ Special cases callers express through the arguments:
 
 Training drops conditions with ``drop_conditions`` so the null passes are
 in-distribution.
+
+``rescale`` (φ, Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+Steps are Flawed", eq. 15-16; diffusers' ``guidance_rescale``) is the guidance
+fix that goes with a zero-terminal-SNR schedule: the guided output is scaled to
+the standard deviation of the fully conditioned pass, per example, and mixed
+with the unscaled one as ``φ rescaled + (1 - φ) guided``, which undoes the
+over-exposure large weights cause. 0 (the default) leaves the guidance as is.
 """
 
 from __future__ import annotations
@@ -39,15 +46,31 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def combine(out_uncond: jax.Array, out_image: jax.Array, out_full: jax.Array,
-            image_scale, text_scale) -> jax.Array:
+            image_scale, text_scale, rescale: float = 0.0) -> jax.Array:
   """Two-way classifier-free guidance of model outputs (all ``[B, ...]``).
 
   ``out_uncond + image_scale (out_image - out_uncond) + text_scale (out_full -
   out_image)``; the scales are scalars or arrays broadcastable to the outputs.
   Linear in the outputs, so it applies to epsilon and v outputs alike.
+  ``rescale`` is φ of ``rescale_guidance``.
   """
-  return (out_uncond + image_scale * (out_image - out_uncond)
-          + text_scale * (out_full - out_image))
+  guided = (out_uncond + image_scale * (out_image - out_uncond)
+            + text_scale * (out_full - out_image))
+  return rescale_guidance(guided, out_full, rescale)
+
+
+def rescale_guidance(guided: jax.Array, conditional: jax.Array, rescale: float) -> jax.Array:
+  """``rescale * guided * std(conditional) / std(guided) + (1 - rescale) * guided``.
+
+  Standard deviations are per example, over all other axes. A no-op for
+  ``rescale = 0``.
+  """
+  if isinstance(rescale, (int, float)) and rescale == 0:
+    return guided
+  axes = tuple(range(1, guided.ndim))
+  ratio = (jnp.std(conditional, axis=axes, keepdims=True)
+           / jnp.std(guided, axis=axes, keepdims=True))
+  return rescale * (guided * ratio) + (1.0 - rescale) * guided
 
 
 def _null_like(null: Optional[jax.Array], value: jax.Array) -> jax.Array:
@@ -63,7 +86,8 @@ def guided_model_fn(apply_fn: ApplyFn,
                     condition: jax.Array,
                     condition_null: Optional[jax.Array] = None,
                     image_scale: float,
-                    text_scale: float) -> ModelFn:
+                    text_scale: float,
+                    rescale: float = 0.0) -> ModelFn:
   """A sampler's ``model_fn`` doing two-way CFG in one batched model call.
 
   Args:
@@ -76,6 +100,7 @@ def guided_model_fn(apply_fn: ApplyFn,
     condition_null: null conditioning broadcastable to ``condition``; None
       means zeros.
     image_scale, text_scale: guidance weights (see ``combine``).
+    rescale: φ of ``rescale_guidance`` (0: none).
 
   Returns:
     ``model_fn(x_t [B, ...], t [B]) -> [B, ...]`` guided output. The passes are
@@ -91,7 +116,7 @@ def guided_model_fn(apply_fn: ApplyFn,
     out = apply_fn(jnp.concatenate([x_t] * 3, axis=0), jnp.concatenate([t] * 3, axis=0),
                    contexts, conditions)
     out_uncond, out_image, out_full = jnp.split(out, 3, axis=0)
-    return combine(out_uncond, out_image, out_full, image_scale, text_scale)
+    return combine(out_uncond, out_image, out_full, image_scale, text_scale, rescale)
 
   return model_fn
 
@@ -101,7 +126,8 @@ def text_guided_model_fn(apply_fn: ApplyFn,
                          context: jax.Array,
                          context_null: jax.Array,
                          condition: jax.Array,
-                         text_scale: float) -> ModelFn:
+                         text_scale: float,
+                         rescale: float = 0.0) -> ModelFn:
   """Ordinary text CFG in one batched call of two passes (image kept in both).
 
   ``f(null text, condition) + text_scale (f(text, condition) - f(null text,
@@ -117,7 +143,7 @@ def text_guided_model_fn(apply_fn: ApplyFn,
     out = apply_fn(jnp.concatenate([x_t] * 2, axis=0), jnp.concatenate([t] * 2, axis=0),
                    contexts, conditions)
     out_image, out_full = jnp.split(out, 2, axis=0)
-    return out_image + text_scale * (out_full - out_image)
+    return rescale_guidance(out_image + text_scale * (out_full - out_image), out_full, rescale)
 
   return model_fn
 

@@ -42,6 +42,8 @@ class SampleOptions:
   # Two-way guidance weights.
   image_scale: float = 2.0
   text_scale: float = 5.0
+  # Guidance rescale φ (vf3d_jax/diffusion/guidance.py; 0: none).
+  guidance_rescale: float = 0.0
   # Hold the first frame in x_t at every step (see the module docstring).
   replace_first_frame: bool = False
 
@@ -49,6 +51,7 @@ class SampleOptions:
   def from_config(cls, config) -> "SampleOptions":
     return cls(sampler=config.sampler, num_steps=int(config.num_steps), eta=float(config.eta),
                image_scale=float(config.image_scale), text_scale=float(config.text_scale),
+               guidance_rescale=float(config.get("guidance_rescale", 0.0)),
                replace_first_frame=bool(config.get("replace_first_frame", False)))
 
   def __post_init__(self):
@@ -56,6 +59,8 @@ class SampleOptions:
       raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
     if self.num_steps < 1:
       raise ValueError("num_steps must be at least 1")
+    if not 0.0 <= self.guidance_rescale <= 1.0:
+      raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -76,7 +81,7 @@ def _sample(model: VideoModel, options: SampleOptions, params, encoders, tokens,
   model_fn = guidance.guided_model_fn(
       apply_fn, context=context, context_null=context_null, condition=condition,
       condition_null=jnp.zeros_like(condition), image_scale=options.image_scale,
-      text_scale=options.text_scale)
+      text_scale=options.text_scale, rescale=options.guidance_rescale)
   x_T = jax.random.normal(key_noise, shape, jnp.float32)
   known = None
   if options.replace_first_frame and model.spec.unet.condition_channels:
