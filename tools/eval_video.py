@@ -9,8 +9,10 @@ samples a clip from the first frame and the caption; scores are
 the renders (``orbit_*``, k >= 1), the first true frame repeated
 (``static_*``: a model that does not turn), whether the sample turns the way
 the orbit goes (``direction_*_gain``, next to ``direction_iou_gain_max``, what
-the renders themselves score), and the sample's own first frame against the
-true one (``first_psnr``: does it keep the object). Before sampling, the
+the renders themselves score; ``direction_accuracy``, the share of frames
+whose two directions look different that the sample turns the right way, 0.5
+for a static clip), with bootstrap 95% intervals over clips, and the sample's
+own first frame against the true one (``first_psnr``: does it keep the object). Before sampling, the
 direction test (``video_trainer.direction_losses``): the model's denoising
 loss on each true orbit against the same orbit flown backwards, with a
 bootstrap 95% interval of the mean gain over clips. Writes one
@@ -90,6 +92,11 @@ def main(argv):
               jax.random.key(_SEED.value), start), first_frames=truth[part, 0], options=options))
     samples = np.concatenate(samples)
     scores = video_trainer.consistency_scores(samples, truth)
+    gain, distinct = video_trainer.direction_frames(samples, truth)
+    boot = [(video_trainer.direction_accuracy(gain[i], distinct[i]), gain[i].mean())
+            for i in (rng.choice(len(gain), len(gain)) for _ in range(2000))]
+    for name, values in zip(("direction_accuracy", "direction_iou_gain"), zip(*boot)):
+      scores[f"{name}_ci95"] = [float(v) for v in np.percentile(values, [2.5, 97.5])]
     scores["first_psnr"] = float(jnp.mean(metrics_lib.psnr(jnp.asarray(samples[:, 0]),
                                                             jnp.asarray(truth[:, 0]))))
     line = {"image_scale": image_scale, "text_scale": text_scale, "sampler": _SAMPLER.value,

@@ -243,6 +243,12 @@ def test_silhouette_scores_follow_a_turning_shape():
   assert wrong["direction_iou_gain_max"] == pytest.approx(2 / 3)
   static = video_trainer.consistency_scores(np.repeat(frames[:, :1], 4, axis=1), frames)
   assert static["direction_iou_gain"] == 0.0 and static["direction_iou_gain_max"] == pytest.approx(2 / 3)
+  # Frames 1 and 3 look different (IoU 1/3): both count; the static clip ties on each.
+  assert right["direction_frames"] == 2
+  assert right["direction_accuracy"] == 1.0 and wrong["direction_accuracy"] == 0.0
+  assert static["direction_accuracy"] == 0.5
+  half = frames[:, [0, 1, 2, 1]]  # right at frame 1, wrong at frame 3
+  assert video_trainer.consistency_scores(half, frames)["direction_accuracy"] == 0.5
   noisy = frames + np.random.default_rng(0).normal(0, 0.02, frames.shape).astype(np.float32)
   assert video_trainer.consistency_scores(noisy, frames)["orbit_iou"] == 1.0
 

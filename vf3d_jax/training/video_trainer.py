@@ -186,7 +186,14 @@ def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, floa
       intersection over union), which colour noise hardly moves;
     * ``direction_iou_gain_max``: the renders' own direction IoU gain, what a
       perfect sample would score: how far the true frames ``k`` and ``F - k``
-      differ, i.e. how much turning there is to see in these orbits.
+      differ, i.e. how much turning there is to see in these orbits;
+    * ``direction_accuracy``: over the frames whose two directions look
+      different (true frames ``k`` and ``F - k`` with silhouette IoU below
+      ``DIRECTION_DISTINCT_IOU``; ``direction_frames`` of them), how often the
+      sample's silhouette is closer to the right one (ties count half): 1 for
+      a sample that always turns the right way, 0 for one that always turns
+      the wrong way, exactly 0.5 for any static clip (frames ``k`` and
+      ``F - k`` then cancel).
   """
   frames = samples.shape[1]
   pred = jnp.asarray(samples[:, 1:])
@@ -281,6 +288,11 @@ def direction_loss_scores(losses: dict[str, np.ndarray]) -> dict[str, float]:
           "static_loss": float(losses["static"].mean())}
 
 
+# Frames whose two turning directions differ this much (silhouette IoU below it)
+# count towards ``direction_accuracy``.
+DIRECTION_DISTINCT_IOU = 0.8
+
+
 def silhouette(frames: np.ndarray, threshold: float = 0.1) -> np.ndarray:
   """``[..., R, R, 3]`` frames on white -> ``[..., R, R]`` bool foreground."""
   return np.abs(1.0 - np.asarray(frames, np.float32)).mean(axis=-1) > threshold
@@ -291,15 +303,39 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.where(union > 0, (a & b).sum(axis=(-2, -1)) / np.maximum(union, 1), 1.0)
 
 
+def direction_frames(samples: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per clip and turned frame ``k`` (``k != 0, F/2``), ``[B, K]`` each: the
+  silhouette IoU gain of sample frame ``k`` against true frame ``k`` over true
+  frame ``F - k``, and whether those two true frames look different (IoU below
+  ``DIRECTION_DISTINCT_IOU``)."""
+  frames = samples.shape[1]
+  turned = [k for k in range(1, frames) if 2 * k != frames]
+  mirrored = [(frames - k) % frames for k in turned]
+  pred, true = silhouette(samples)[:, turned], silhouette(truth)
+  gain = _iou(pred, true[:, turned]) - _iou(pred, true[:, mirrored])
+  return gain, _iou(true[:, turned], true[:, mirrored]) < DIRECTION_DISTINCT_IOU
+
+
+def direction_accuracy(gain: np.ndarray, distinct: np.ndarray) -> float:
+  """Of the distinct frames, the share turned the right way (ties count half)."""
+  if not distinct.any():
+    return 0.5
+  return float(((gain > 0) + 0.5 * (gain == 0))[distinct].mean())
+
+
 def _silhouette_scores(samples, truth, turned, mirrored) -> dict[str, float]:
   pred, true = silhouette(samples), silhouette(truth)
   scores = {"orbit_iou": float(_iou(pred[:, 1:], true[:, 1:]).mean()),
             "static_iou": float(_iou(np.broadcast_to(true[:, :1], true[:, 1:].shape),
                                      true[:, 1:]).mean())}
-  gain = _iou(pred[:, turned], true[:, turned]) - _iou(pred[:, turned], true[:, mirrored])
-  scores["direction_iou_gain"] = float(gain.mean()) if turned else 0.0
-  ceiling = 1.0 - _iou(true[:, turned], true[:, mirrored])
-  scores["direction_iou_gain_max"] = float(ceiling.mean()) if turned else 0.0
+  if not turned:
+    return {**scores, "direction_iou_gain": 0.0, "direction_iou_gain_max": 0.0,
+            "direction_frames": 0, "direction_accuracy": 0.5}
+  gain, distinct = direction_frames(samples, truth)
+  scores["direction_iou_gain"] = float(gain.mean())
+  scores["direction_iou_gain_max"] = float((1.0 - _iou(true[:, turned], true[:, mirrored])).mean())
+  scores["direction_frames"] = int(distinct.sum())
+  scores["direction_accuracy"] = direction_accuracy(gain, distinct)
   return scores
 
 
