@@ -199,8 +199,7 @@ def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, floa
   pred = jnp.asarray(samples[:, 1:])
   target = jnp.asarray(truth[:, 1:])
   static = jnp.broadcast_to(jnp.asarray(truth[:, :1]), target.shape)
-  turned = [k for k in range(1, frames) if 2 * k != frames]
-  mirrored = [(frames - k) % frames for k in turned]
+  turned, mirrored = turned_frames(frames)
   turned_samples = jnp.asarray(samples[:, turned])
   forward = metrics_lib.psnr(turned_samples, jnp.asarray(truth[:, turned]))
   backward = metrics_lib.psnr(turned_samples, jnp.asarray(truth[:, mirrored]))
@@ -209,7 +208,7 @@ def consistency_scores(samples: np.ndarray, truth: np.ndarray) -> dict[str, floa
           "static_psnr": float(jnp.mean(metrics_lib.psnr(static, target))),
           "static_ssim": float(jnp.mean(metrics_lib.ssim(static, target))),
           "direction_psnr_gain": float(jnp.mean(forward - backward)) if turned else 0.0,
-          **_silhouette_scores(samples, truth, turned, mirrored)}
+          **_silhouette_scores(samples, truth)}
 
 
 DIRECTION_TIMESTEPS = (300, 500, 700, 900)
@@ -303,17 +302,30 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.where(union > 0, (a & b).sum(axis=(-2, -1)) / np.maximum(union, 1), 1.0)
 
 
+def turned_frames(frames: int) -> tuple[list[int], list[int]]:
+  """The frames ``k`` whose azimuth turned the other way is another frame
+  (``k != 0, F/2``), and those other frames ``F - k``."""
+  turned = [k for k in range(1, frames) if 2 * k != frames]
+  return turned, [(frames - k) % frames for k in turned]
+
+
+def _direction_ious(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Silhouettes ``[B, F, R, R]`` -> ``[B, K]`` each over the turned frames: the
+  IoU gain of sample frame ``k`` against true frame ``k`` over true frame
+  ``F - k``, and the IoU of those two true frames."""
+  turned, mirrored = turned_frames(true.shape[1])
+  pred = pred[:, turned]
+  return (_iou(pred, true[:, turned]) - _iou(pred, true[:, mirrored]),
+          _iou(true[:, turned], true[:, mirrored]))
+
+
 def direction_frames(samples: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per clip and turned frame ``k`` (``k != 0, F/2``), ``[B, K]`` each: the
+  """Per clip and turned frame ``k`` (``turned_frames``), ``[B, K]`` each: the
   silhouette IoU gain of sample frame ``k`` against true frame ``k`` over true
   frame ``F - k``, and whether those two true frames look different (IoU below
   ``DIRECTION_DISTINCT_IOU``)."""
-  frames = samples.shape[1]
-  turned = [k for k in range(1, frames) if 2 * k != frames]
-  mirrored = [(frames - k) % frames for k in turned]
-  pred, true = silhouette(samples)[:, turned], silhouette(truth)
-  gain = _iou(pred, true[:, turned]) - _iou(pred, true[:, mirrored])
-  return gain, _iou(true[:, turned], true[:, mirrored]) < DIRECTION_DISTINCT_IOU
+  gain, pair_iou = _direction_ious(silhouette(samples), silhouette(truth))
+  return gain, pair_iou < DIRECTION_DISTINCT_IOU
 
 
 def direction_accuracy(gain: np.ndarray, distinct: np.ndarray) -> float:
@@ -323,17 +335,18 @@ def direction_accuracy(gain: np.ndarray, distinct: np.ndarray) -> float:
   return float(((gain > 0) + 0.5 * (gain == 0))[distinct].mean())
 
 
-def _silhouette_scores(samples, truth, turned, mirrored) -> dict[str, float]:
+def _silhouette_scores(samples, truth) -> dict[str, float]:
   pred, true = silhouette(samples), silhouette(truth)
   scores = {"orbit_iou": float(_iou(pred[:, 1:], true[:, 1:]).mean()),
             "static_iou": float(_iou(np.broadcast_to(true[:, :1], true[:, 1:].shape),
                                      true[:, 1:]).mean())}
-  if not turned:
+  gain, pair_iou = _direction_ious(pred, true)
+  if not gain.size:
     return {**scores, "direction_iou_gain": 0.0, "direction_iou_gain_max": 0.0,
             "direction_frames": 0, "direction_accuracy": 0.5}
-  gain, distinct = direction_frames(samples, truth)
+  distinct = pair_iou < DIRECTION_DISTINCT_IOU
   scores["direction_iou_gain"] = float(gain.mean())
-  scores["direction_iou_gain_max"] = float((1.0 - _iou(true[:, turned], true[:, mirrored])).mean())
+  scores["direction_iou_gain_max"] = float((1.0 - pair_iou).mean())
   scores["direction_frames"] = int(distinct.sum())
   scores["direction_accuracy"] = direction_accuracy(gain, distinct)
   return scores
