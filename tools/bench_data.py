@@ -29,6 +29,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from vf3d_jax import cli
 from vf3d_jax.data import orbits
 from vf3d_jax.data import procedural
 from vf3d_jax.data import rasterize
@@ -169,4 +170,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -27,6 +27,7 @@ import numpy as np
 
 from configs import infer as infer_configs
 from configs import lrm as lrm_configs
+from vf3d_jax import cli
 from vf3d_jax import pretrained
 from vf3d_jax.evaluation import metrics
 from vf3d_jax.inference.pipeline import Reconstructor
@@ -107,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import lrm as lrm_configs
+from vf3d_jax import cli
 from vf3d_jax.models import lrm
 from vf3d_jax.rendering import cameras
 from tools.benchmarking import median_seconds, peak_gib
@@ -83,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

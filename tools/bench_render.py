@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vf3d_jax import cli
 from vf3d_jax.models.triplane import TriplaneDecoder
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import renderer
@@ -109,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

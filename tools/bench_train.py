@@ -36,6 +36,7 @@ import numpy as np
 
 from configs import lrm as lrm_configs
 from tools.benchmarking import median_seconds, peak_gib
+from vf3d_jax import cli
 from vf3d_jax.models.lrm import count_params, init_params
 from vf3d_jax.rendering import cameras
 from vf3d_jax.training import lrm_trainer
@@ -209,4 +210,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

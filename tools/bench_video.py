@@ -26,6 +26,7 @@ import optax
 
 from configs import video as video_configs
 from tools.benchmarking import median_seconds, peak_gib
+from vf3d_jax import cli
 from vf3d_jax.diffusion import guidance
 from vf3d_jax.diffusion import samplers
 from vf3d_jax.diffusion import schedule as schedule_lib
@@ -104,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from vf3d_jax import cli
 from vf3d_jax.losses import lpips as lpips_lib
 
 _VGG = flags.DEFINE_string("vgg", None, "torchvision vgg16-397923af.pth", required=True)
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

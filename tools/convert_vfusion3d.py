@@ -14,6 +14,7 @@ import time
 from absl import app
 from absl import flags
 
+from vf3d_jax import cli
 from vf3d_jax import pretrained
 from vf3d_jax.models.lrm import count_params
 from vf3d_jax.weights.state_dict import CheckpointError
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -31,12 +31,12 @@ import numpy as np
 from PIL import Image
 
 from configs import video as video_configs
+from vf3d_jax import cli
 from vf3d_jax.data import pipeline
 from vf3d_jax.evaluation import metrics as metrics_lib
 from vf3d_jax.training import video_trainer
-from vf3d_jax.video import cli
-from vf3d_jax.video import model as model_lib
 from vf3d_jax.video import sampling
+from vf3d_jax.video import model as model_lib
 
 _MODEL = flags.DEFINE_string("model", None, "Export directory or finished workdir.", required=True)
 _DATA = flags.DEFINE_string("data", None, "Held-out orbit records.", required=True)
@@ -54,7 +54,7 @@ _OUTPUT = flags.DEFINE_string("output", "", "Folder for the grids and scores.jso
 
 def main(argv):
   del argv
-  model, params = model_lib.load_export(cli.resolve_model_path(_MODEL.value))
+  model, params = model_lib.load_export(sampling.resolve_model_path(_MODEL.value))
   encoders = model.load_encoders()
   config = video_configs.get_config("tiny")
   config.data.update(eval=_DATA.value, num_frames=model.spec.num_frames,
@@ -118,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 import orbax.checkpoint as ocp
 
+from vf3d_jax import cli
 from vf3d_jax import pretrained
 from vf3d_jax.models.lrm import LRMArch
 from vf3d_jax.weights import vfusion3d
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

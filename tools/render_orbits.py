@@ -7,13 +7,13 @@ r"""Renders multi-view records of 3D assets (see configs/render.py).
 import os
 
 from absl import app
-from ml_collections import config_flags
 
+from vf3d_jax import cli
 from vf3d_jax.data import render_orbits
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "render.py"),
-    "Render configuration.", lock_config=True)
+    "Render configuration.")
 
 
 def main(argv):
@@ -23,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

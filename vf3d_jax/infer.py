@@ -15,13 +15,13 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from vf3d_jax import cli
 from vf3d_jax.inference.pipeline import DEMO_CHECKPOINT, DEMO_IMAGES, REPO, run
 from vf3d_jax.weights.state_dict import CheckpointError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO, "configs", "infer.py"), "Inference config.", lock_config=True)
+_CONFIG = cli.define_config(
+    "config", os.path.join(REPO, "configs", "infer.py"), "Inference config.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "model.safetensors, a PyTorch pickle or a converted directory "
     "(default: the embedded tiny demo model).")
@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,14 +17,14 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-from vf3d_jax.video import cli
+from vf3d_jax import cli
+from vf3d_jax.video import sampling
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs", "video.py:tiny"),
-    "Video config (its `sample` block is used).", lock_config=True)
+    "Video config (its `sample` block is used).")
 _MODEL = flags.DEFINE_string("model", None, "An exported model (a training run's export/) or "
                              "a training workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder.", required=True)
@@ -36,7 +36,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
   del argv
   try:
-    cli.sample_to_folder(_CONFIG.value, model_path=_MODEL.value, output=_OUTPUT.value,
+    sampling.sample_to_folder(_CONFIG.value, model_path=_MODEL.value, output=_OUTPUT.value,
                          prompts=_PROMPT.value, image=_IMAGE.value, seed=_SEED.value)
   except (ValueError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

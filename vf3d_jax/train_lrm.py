@@ -13,14 +13,14 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from vf3d_jax import cli
 from vf3d_jax.training import loop
 from vf3d_jax.training import lrm_trainer
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "lrm.py:tiny"), "LRM config.", lock_config=True)
+                           "configs", "lrm.py:tiny"), "LRM config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here.",
                                required=True)
 
@@ -28,7 +28,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(loop.QuietLibraries())
   try:
     lrm_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (lrm_trainer.TrainingDiverged, ValueError, FileNotFoundError) as e:
@@ -37,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

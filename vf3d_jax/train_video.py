@@ -17,15 +17,15 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from vf3d_jax import cli
 from vf3d_jax.training import loop
 from vf3d_jax.training import video_trainer
 from vf3d_jax.weights.state_dict import CheckpointError
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "video.py:tiny"), "Video model config.", lock_config=True)
+                           "configs", "video.py:tiny"), "Video model config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, samples and the export.",
                                required=True)
 
@@ -33,7 +33,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, samples a
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(loop.QuietLibraries())
   try:
     video_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (loop.TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as e:
@@ -42,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,9 +12,8 @@ from configs import render as render_configs
 from configs import video as video_configs
 from vf3d_jax.data import render_orbits
 from vf3d_jax.training import video_trainer
-from vf3d_jax.video import cli
-from vf3d_jax.video import model as model_lib
 from vf3d_jax.video import sampling
+from vf3d_jax.video import model as model_lib
 from vf3d_jax.weights.rules import flat
 
 FRAMES, SIZE = 4, 16
@@ -135,7 +134,7 @@ def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tm
   assert first.shape == (SIZE, SIZE, 3) and (first[..., 2] >= 250).all()  # JPEG
   assert np.asarray(Image.open(os.path.join(folders[0], "input.png"))).min() == 255  # on white
   with pytest.raises(FileNotFoundError, match="not an exported video model"):
-    cli.sample_to_folder(sample_config, model_path=str(tmp_path), output=out, prompts=["x"])
+    sampling.sample_to_folder(sample_config, model_path=str(tmp_path), output=out, prompts=["x"])
 
 
 def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):

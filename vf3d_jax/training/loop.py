@@ -8,7 +8,6 @@ loop checks so it can save before exiting.
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import signal
 from typing import Any
@@ -96,11 +95,3 @@ def check_finite(step: int, metrics: dict) -> None:
   if bad:
     raise TrainingDiverged(f"non-finite values at step {step}: {bad}; lower train.lr, "
                            "raise train.warmup_steps or check the data")
-
-
-class QuietLibraries(pylogging.Filter):
-  """Drops the INFO chatter of Orbax and Grain; their warnings and errors stay."""
-
-  def filter(self, record):
-    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= pylogging.WARNING or not noisy

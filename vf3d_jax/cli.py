@@ -1,0 +1,138 @@
+"""How every ``python -m vf3d_jax.<job>`` and ``python -m tools.<tool>`` starts and fails.
+
+``cli.run(main)`` replaces ``absl.app.run(main)``. A user's mistake ends the
+process with exactly one line on stderr, ``error: <what is wrong>``, and a
+non-zero exit code, before any logging:
+
+* flag and config errors while parsing the command line (a misspelt
+  ``--config.x`` override, a config file that does not exist, a bad value,
+  a missing required flag): exit code 2;
+* the errors ``main`` raises that name a user's mistake (:data:`USER_ERRORS`,
+  plus any the job adds): exit code 1, unless the exception sets its own
+  ``exit_code``.
+
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+
+class UserError(Exception):
+  """A mistake in what the user asked for; printed as one line."""
+
+  exit_code = 1
+
+
+# Raised by the library for bad input (files, values, shapes) with a message that names it.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError,
+                                                NotADirectoryError, IsADirectoryError,
+                                                FileExistsError, PermissionError)
+
+
+def one_line(error: BaseException) -> str:
+  """The exception's message on one line (KeyError's quotes and newlines removed)."""
+  message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  message = " ".join(str(message).split())
+  return message or type(error).__name__
+
+
+def fail(message: str, exit_code: int = 1):
+  """Prints ``error: <message>`` on stderr and exits."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(exit_code)
+
+
+def _config_error(error: BaseException, argv: Sequence[str]) -> str:
+  """One line for an ml_collections error: the flag, then the cause without a traceback."""
+  message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+  if "Traceback (most recent call last)" in message:
+    # "flag --config=x.py:v: Error whilst parsing config file: Traceback ... ValueError: cause"
+    prefix = message.split(": Error whilst parsing", 1)[0]
+    cause = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", lines[-1])
+    return f"{prefix}: {cause}"
+  # KeyError's text may arrive repr-quoted inside another message: unquote it.
+  plain = message.strip().strip("\"").replace("\\'", "'").replace("\\n", "\n").strip("'")
+  unknown = re.fullmatch(r"'?(\w+)'?\s*(.*?)", plain, re.S)
+  if isinstance(error, (KeyError, AttributeError, flags.Error)) and unknown and (
+      isinstance(error, (KeyError, AttributeError)) or "Did you mean" in message):
+    # A misspelt override (possibly quoted into another message): name the argument.
+    field, hint = unknown.group(1), " ".join(unknown.group(2).split())
+    culprits = [a.split("=", 1)[0] for a in argv[1:]
+                if a.startswith("--") and f".{field}" in a.split("=", 1)[0]]
+    where = culprits[0] if culprits else "config override"
+    return f"{where}: no config field {field!r}" + (f" ({hint})" if hint else "")
+  missing = re.search(r"Attempted \[[^]]*\]:\s*(\S+)\s+(.*?)$", message, re.S)
+  if missing:  # a config file that cannot be found or loaded
+    return f"config file {missing.group(1)}: {' '.join(missing.group(2).split())}"
+  return " ".join(lines) or type(error).__name__
+
+
+def define_config(name: str, default: str, help_string: str):
+  """``config_flags.DEFINE_config_file(..., lock_config=True)`` with one-line errors.
+
+  When the command line gives no ``--<name>``, ml_collections loads the
+  default file and applies the ``--<name>.<field>`` overrides right here, at
+  import time, so their errors are caught here too.
+  """
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    fail(_config_error(e, sys.argv), 2)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  try:
+    remaining = flags.FLAGS(argv)
+    # ml_collections defers a config file's load error to the first use of the config.
+    for name in list(flags.FLAGS):
+      value = flags.FLAGS[name].value
+      if type(value).__module__.startswith("ml_collections"):
+        getattr(value, "keys", None)
+    return remaining
+  except flags.Error as e:
+    fail(_config_error(e, argv), 2)
+  except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
+    # ml_collections raises these for bad --config files and overrides.
+    fail(_config_error(e, argv), 2)
+  except ImportError as e:  # a config file that imports something missing
+    fail(f"cannot load the config: {one_line(e)}", 2)
+
+
+def run(main: Callable[[list[str]], None],
+        errors: tuple[type[BaseException], ...] = ()) -> None:
+  """``absl.app.run(main)`` with one-line user errors (see the module docstring)."""
+  user_errors = USER_ERRORS + tuple(errors)
+
+  def guarded(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+    logging.get_absl_handler().addFilter(QuietLibraries())
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      fail(one_line(e), 2)
+    except user_errors as e:
+      fail(one_line(e), getattr(e, "exit_code", 1))
+
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+class QuietLibraries(pylogging.Filter):
+  """Drops the INFO chatter of Orbax, Grain and JAX's backend probing; warnings and errors stay."""
+
+  def filter(self, record):
+    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
+    noisy = noisy or record.pathname.endswith("xla_bridge.py")
+    return record.levelno >= pylogging.WARNING or not noisy
