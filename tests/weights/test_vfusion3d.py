@@ -72,10 +72,19 @@ def test_released_shapes_give_released_architecture():
   assert vfusion3d.infer_arch(state) == lrm.LRMArch()
 
 
+def test_released_key_table_converts_to_the_released_architecture():
+  """All 592 released keys and shapes map onto our parameter tree, none missing or left over."""
+  state = {k: np.broadcast_to(np.float32(0), shape) for k, shape in _released_shapes().items()}
+  assert len(state) == 592
+  params = vfusion3d.from_state_dict(state, lrm.LRMArch())
+  expected = jax.tree.map(lambda s: s.shape, lrm.param_shapes(lrm.LRMArch()))
+  assert jax.tree.map(np.shape, params) == expected
+  assert lrm.count_params(params) == 452_135_700
+
+
 def _released_shapes():
-  path = os.path.join(REPO, "..", "shared", "spec", "vfusion3d_state_dict.tsv")
-  if not os.path.exists(path):
-    pytest.skip("shared/spec is not beside this checkout")
+  """The released checkpoint's key table (``tests/weights/vfusion3d_state_dict.tsv``)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vfusion3d_state_dict.tsv")
   out = {}
   for line in open(path).read().strip().splitlines():
     key, shape = line.split("\t")
