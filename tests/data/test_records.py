@@ -1,7 +1,9 @@
 """Record layout, the shard writer (atomic, resumable) and TFDS access."""
 
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -112,10 +114,76 @@ def test_writer_survives_a_crash_and_resumes(tmp_path):
   assert len(got) == 10
   for index, record in enumerate(got):
     _assert_same(record, _record(index))
-  # A different plan is refused rather than mixed in.
-  with pytest.raises(ValueError, match="different dataset plan"):
-    writer.ShardedWriter(str(tmp_path), "assets", num_examples=10, examples_per_shard=4,
-                         fingerprint={"seed": 1})
+  # A different plan is refused rather than mixed in, naming what differs.
+  with pytest.raises(ValueError, match="different dataset plan") as refused:
+    writer.ShardedWriter(str(tmp_path), "assets", num_examples=12, examples_per_shard=4,
+                         fingerprint={"seed": 1, "views": {"radius": 2.0}})
+  assert str(refused.value) == (
+      f"{folder} holds 3 complete shard(s) of a different dataset plan (num_examples was 10, "
+      "now 12; seed was 0, now 1; views.radius was missing, now 2.0); use another folder or "
+      "name, or delete that folder to start again")
+
+
+def test_plan_differences_name_fingerprint_fields_once():
+  old = {"name": "a", "examples_per_shard": 4, "fingerprint": {"examples_per_shard": 4,
+                                                               "views": {"fov": 50.0}}}
+  new = {"name": "a", "examples_per_shard": 8, "fingerprint": {"examples_per_shard": 8,
+                                                               "views": {"fov": 60.0}}}
+  assert writer.plan_differences(old, new) == [
+      "examples_per_shard was 4, now 8", "views.fov was 50.0, now 60.0"]
+  # A fingerprint field that differs on its own keeps its prefix.
+  new["examples_per_shard"] = 4
+  assert writer.plan_differences(old, new)[0] == "fingerprint.examples_per_shard was 4, now 8"
+  assert writer.plan_differences(old, old) == []
+
+
+def test_a_run_that_completes_no_shard_leaves_nothing_and_blocks_nothing(tmp_path):
+  root = tmp_path / "out"
+  with pytest.raises(RuntimeError, match="crash"):
+    _write(root, 4, 2, fail_at=1)
+  assert not root.exists()
+  # The writer makes nothing before a shard is complete.
+  writer.ShardedWriter(str(root), "assets", num_examples=4, examples_per_shard=2)
+  assert not root.exists()
+  # A manifest of another plan that lists no complete shard (what a crash
+  # before the first shard used to leave) is taken over.
+  folder = root / "assets" / "1.0.0"
+  folder.mkdir(parents=True)
+  writer.write_json_atomic(str(folder / writer.MANIFEST), {
+      "plan": {"name": "assets", "fingerprint": {"seed": 5}}, "complete": {}})
+  _write(root, 4, 2).finalize()
+  assert len(_read_all(folder)) == 4
+  with open(folder / writer.MANIFEST) as file:
+    assert json.load(file)["plan"]["fingerprint"] == {"seed": 0}
+
+
+def test_a_file_in_the_way_is_not_a_directory(tmp_path):
+  for data_dir, in_the_way in ((tmp_path / "file", tmp_path / "file"),
+                               (tmp_path, tmp_path / "assets")):
+    in_the_way.write_text("")
+    with pytest.raises(NotADirectoryError, match="^" + re.escape(f"{in_the_way} is not a dir")):
+      writer.ShardedWriter(str(data_dir), "assets", num_examples=1, examples_per_shard=1)
+
+
+def test_shards_may_leave_out_examples_when_asked(tmp_path):
+  sink_writer = writer.ShardedWriter(str(tmp_path), "assets", num_examples=5,
+                                     examples_per_shard=2)
+  with pytest.raises(RuntimeError, match="shard 0: wrote 1 records, expected 2"):
+    with sink_writer.open_shard(0) as sink:
+      sink.write(records.serialize(_record(0)))
+  for shard in sink_writer.pending_shards():
+    with sink_writer.open_shard(shard, allow_fewer=True) as sink:
+      for index in sink_writer.shard_range(shard):
+        if index != 2:  # the caller skips example 2
+          sink.write(records.serialize(_record(index)))
+  folder = sink_writer.finalize()
+  assert (sink_writer.num_written, sink_writer.num_skipped) == (4, 1)
+  resumed = writer.ShardedWriter(str(tmp_path), "assets", num_examples=5, examples_per_shard=2)
+  assert (resumed.complete, resumed.num_written, resumed.num_skipped) == (True, 4, 1)
+  import tensorflow_datasets as tfds
+  source = tfds.builder_from_directory(folder).as_data_source()["train"]
+  assert [source[i]["id"].decode() for i in range(len(source))] == [
+      "asset-0", "asset-1", "asset-3", "asset-4"]
 
 
 def test_a_killed_writer_leaves_only_complete_shards(tmp_path):

@@ -5,7 +5,8 @@ Files go to ``<data_dir>/<name>/<version>/``:
 * shards ``<name>-<split>.<format>-NNNNN-of-MMMMM`` (``array_record``, or
   ``tfrecord`` on request), example ``i`` in shard ``i // examples_per_shard``;
 * ``vf3d_manifest.json``: the plan (counts, format, a fingerprint of what is
-  being written) and the shards that are complete;
+  being written) and the shards that are complete, written when the first
+  shard is complete (a run that fails before that leaves nothing behind);
 * once every shard is complete, TFDS metadata (``dataset_info.json``,
   ``features.json``), so ``tfds.data_source(name, data_dir=data_dir)`` and
   ``tfds.builder_from_directory(<that folder>)`` read it (random access needs
@@ -14,7 +15,9 @@ Files go to ``<data_dir>/<name>/<version>/``:
 A shard is written to a temporary file, checked, ``fsync``-ed and renamed into
 place; only then does the manifest (itself replaced atomically) list it. A
 crash therefore leaves complete shards and a stray temporary file, which the
-next run deletes before it writes the missing shards again.
+next run deletes before it writes the missing shards again. A folder whose
+manifest lists complete shards of another plan is refused, naming the fields
+that differ; one that lists none is taken over.
 """
 
 from __future__ import annotations
@@ -176,6 +179,81 @@ def count_records(path: str, file_format: str = "array_record") -> int:
 
 # --- The sharded writer -----------------------------------------------------
 
+class _CountingSink:
+  """A record file writer that counts what it is given."""
+
+  def __init__(self, sink):
+    self._sink = sink
+    self.count = 0
+
+  def write(self, data: bytes) -> None:
+    self._sink.write(data)
+    self.count += 1
+
+  def close(self) -> None:
+    self._sink.close()
+
+
+def check_directory(directory: str) -> None:
+  """Raises ``NotADirectoryError`` when a part of ``directory`` that exists is not a folder."""
+  path = os.path.abspath(directory)
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise NotADirectoryError(f"{path} is not a directory (output folder {directory})")
+
+
+def _make_directories(directory: str) -> list[str]:
+  """``os.makedirs(directory)``; returns the folders it made, outermost first."""
+  missing = []
+  path = os.path.abspath(directory)
+  while not os.path.exists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  os.makedirs(directory, exist_ok=True)
+  return missing[::-1]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+_MISSING = object()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+  text = "missing" if value is _MISSING else json.dumps(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def plan_differences(old: dict, new: dict) -> list[str]:
+  """``["<field> was <old>, now <new>", ...]`` for the fields in which two plans differ.
+
+  Fields of the fingerprint are named without a prefix (``resolution``, not
+  ``fingerprint.resolution``) unless the plan has a field of that name; one
+  that differs just like the plan's field of that name is named once.
+  """
+  def fields(plan):
+    flat = _flatten({k: v for k, v in plan.items() if k != "fingerprint"})
+    for key, value in _flatten(plan.get("fingerprint") or {}).items():
+      flat[f"fingerprint.{key}" if key in plan else key] = value
+    return flat
+  old_fields, new_fields = fields(old), fields(new)
+  pair = lambda k: (old_fields.get(k, _MISSING), new_fields.get(k, _MISSING))
+  names = list(new_fields) + [k for k in old_fields if k not in new_fields]
+  differ = [k for k in names if pair(k)[0] != pair(k)[1]]
+  differ = [k for k in differ if not (k.startswith("fingerprint.") and
+                                      k.split(".", 1)[1] in differ and
+                                      pair(k) == pair(k.split(".", 1)[1]))]
+  return [f"{k} was {_short(pair(k)[0])}, now {_short(pair(k)[1])}" for k in differ]
+
+
 class ShardedWriter:
   """Writes ``num_examples`` records in fixed shards, resumably.
 
@@ -209,7 +287,8 @@ class ShardedWriter:
       description: TFDS description.
 
     Raises:
-      ValueError: the folder holds a different plan.
+      ValueError: the folder holds complete shards of a different plan.
+      NotADirectoryError: a part of the folder's path is a file.
     """
     if file_format not in FILE_FORMATS:
       raise ValueError(f"file_format must be one of {FILE_FORMATS}, got {file_format!r}")
@@ -218,34 +297,38 @@ class ShardedWriter:
     self.name, self.split, self.file_format = name, split, file_format
     self.description = description
     self.directory = os.path.join(data_dir, name, version)
+    check_directory(self.directory)
     self.num_examples = int(num_examples)
     self.examples_per_shard = int(examples_per_shard)
     self.num_shards = -(-self.num_examples // self.examples_per_shard)
-    os.makedirs(self.directory, exist_ok=True)
     plan = {"name": name, "split": split, "file_format": file_format, "version": version,
             "num_examples": self.num_examples, "examples_per_shard": self.examples_per_shard,
             "fingerprint": fingerprint or {}}
     # Round-trip through JSON so tuples and lists compare equal.
-    plan = json.loads(json.dumps(plan, sort_keys=True))
+    self._plan = json.loads(json.dumps(plan, sort_keys=True))
+    self._complete = {}
     manifest_path = os.path.join(self.directory, MANIFEST)
     if os.path.exists(manifest_path):
       with open(manifest_path) as file:
         manifest = json.load(file)
-      if manifest["plan"] != plan:
+      complete = {int(k): v for k, v in manifest["complete"].items()}
+      if manifest["plan"] == self._plan:
+        self._complete = complete
+      elif complete:
+        differences = "; ".join(plan_differences(manifest["plan"], self._plan))
         raise ValueError(
-            f"{self.directory} holds a different dataset plan:\n{manifest['plan']}\n"
-            f"!= {plan}\nuse another folder or name")
-      self._complete = {int(k): v for k, v in manifest["complete"].items()}
-    else:
-      self._complete = {}
-    self._plan = plan
-    for entry in os.listdir(self.directory):
-      if entry.endswith(_TEMP_SUFFIX):
-        os.remove(os.path.join(self.directory, entry))
+            f"{self.directory} holds {len(complete)} complete shard(s) of a different dataset "
+            f"plan ({differences}); use another folder or name, or delete that folder to "
+            "start again")
+      # A manifest of another plan without a complete shard is replaced by
+      # this plan's once its first shard is complete.
+    if os.path.isdir(self.directory):
+      for entry in os.listdir(self.directory):
+        if entry.endswith(_TEMP_SUFFIX):
+          os.remove(os.path.join(self.directory, entry))
     # The manifest is the truth: a shard file it does not list (a crash
     # between the rename and the manifest update) counts as missing and is
     # written again.
-    self._save_manifest()
 
   def _save_manifest(self) -> None:
     write_json_atomic(os.path.join(self.directory, MANIFEST),
@@ -267,18 +350,31 @@ class ShardedWriter:
   def complete(self) -> bool:
     return not self.pending_shards()
 
+  @property
+  def num_written(self) -> int:
+    """Records in the complete shards."""
+    return sum(v["num_examples"] for v in self._complete.values())
+
+  @property
+  def num_skipped(self) -> int:
+    """Examples the complete shards left out (see ``open_shard(allow_fewer=True)``)."""
+    return sum(v.get("skipped", 0) for v in self._complete.values())
+
   @contextlib.contextmanager
-  def open_shard(self, shard: int):
+  def open_shard(self, shard: int, allow_fewer: bool = False):
     """Context manager yielding a sink with ``write(bytes)``.
 
     On a clean exit the shard must hold exactly ``len(shard_range(shard))``
-    records; it is then made durable and listed. On an exception the
-    temporary file is removed and the exception propagates.
+    records (at most that many with ``allow_fewer``: examples the caller
+    skipped, counted in the manifest); it is then made durable and listed.
+    On an exception the temporary file is removed (and the folders this
+    writer made, while no shard is complete) and the exception propagates.
     """
+    made = _make_directories(self.directory)
     final = self.shard_path(shard)
     temporary = final + _TEMP_SUFFIX
-    sink = (TFRecordFileWriter(temporary) if self.file_format == "tfrecord"
-            else _ArrayRecordFileWriter(temporary))
+    sink = _CountingSink(TFRecordFileWriter(temporary) if self.file_format == "tfrecord"
+                         else _ArrayRecordFileWriter(temporary))
     closed = False
     try:
       yield sink
@@ -286,7 +382,7 @@ class ShardedWriter:
       closed = True
       expected = len(self.shard_range(shard))
       found = count_records(temporary, self.file_format)
-      if found != expected:
+      if found != sink.count or found > expected or (found < expected and not allow_fewer):
         raise RuntimeError(f"shard {shard}: wrote {found} records, expected {expected}")
       os.replace(temporary, final)
       _fsync_directory(self.directory)
@@ -296,8 +392,15 @@ class ShardedWriter:
           sink.close()
       with contextlib.suppress(FileNotFoundError):
         os.remove(temporary)
+      if not self._complete:
+        for directory in reversed(made):
+          with contextlib.suppress(OSError):
+            os.rmdir(directory)  # Only while empty.
       raise
-    self._complete[shard] = {"num_examples": expected, "num_bytes": os.path.getsize(final)}
+    entry = {"num_examples": found, "num_bytes": os.path.getsize(final)}
+    if found < expected:
+      entry["skipped"] = expected - found
+    self._complete[shard] = entry
     self._save_manifest()
 
   def finalize(self) -> str:
