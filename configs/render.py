@@ -19,7 +19,9 @@ Variants (the argument after the colon):
 
 * ``tiny``: 8 procedural assets, 8 + 2 views at 64x64, for smoke tests (seconds).
 
-An interrupted run resumes when started again with the same settings.
+An interrupted run resumes when started again with the same settings. Every
+field is checked before anything is written; mesh files that cannot be loaded
+are skipped with a warning (``--config.meshes.strict=True`` stops instead).
 """
 
 import math
@@ -50,6 +52,7 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
   config.batch_size = 4
   config.rays_per_chunk = 16384
   config.png_threads = 4
+  # Progress bar on stderr (assets done / total, rate, ETA); a line a minute into a log.
   config.progress = True
 
   config.views = ml_collections.ConfigDict()
@@ -82,6 +85,8 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
   config.meshes.captions_file = ""
   # Pixel window each triangle is rasterised in (larger ones are split).
   config.meshes.raster_window = 8
+  # Stop at a mesh file that cannot be loaded (else skip it with a warning).
+  config.meshes.strict = False
 
   if arg == "procedural":
     pass
@@ -98,7 +103,6 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
     config.views.num_orbit_views = 8
     config.views.num_random_views = 2
     config.batch_size = 4
-    config.progress = False
   else:
     raise ValueError(f"unknown variant {arg!r}: procedural, meshes or tiny")
   return config

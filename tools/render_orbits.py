@@ -6,8 +6,6 @@ r"""Renders multi-view records of 3D assets (see configs/render.py).
 
 import os
 
-from absl import app
-
 from vf3d_jax import cli
 from vf3d_jax.data import render_orbits
 
@@ -17,8 +15,7 @@ _CONFIG = cli.define_config(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses stray arguments.
   print(render_orbits.render_dataset(_CONFIG.value))
 
 

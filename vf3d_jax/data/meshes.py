@@ -115,21 +115,38 @@ def load_mesh(path: str, *, asset_id: str | None = None, caption: str = "",
     A ``MeshAsset``.
 
   Raises:
-    ValueError: the file holds no triangles.
+    FileNotFoundError: there is no such file.
+    ValueError: ``up_axis`` is neither ``"y"`` nor ``"z"``, or the file cannot
+      be read as a mesh, holds no triangles or has a degenerate bounding box
+      (a message that starts with the path).
   """
+  if up_axis not in ("y", "z"):
+    raise ValueError(f"up_axis must be 'y' or 'z', got {up_axis!r}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no mesh file {path}")
+  try:
+    return _load_mesh(path, asset_id, caption, up_axis, texture_size)
+  except Exception as error:  # pylint: disable=broad-except
+    # A broken file makes trimesh raise almost anything: say which file it was.
+    message = " ".join(str(error).split())
+    if not isinstance(error, ValueError):
+      message = f"cannot read it ({type(error).__name__}: {message})"
+    raise ValueError(f"{path}: {message}") from error
+
+
+def _load_mesh(path: str, asset_id: str | None, caption: str, up_axis: str,
+               texture_size: int) -> MeshAsset:
   import trimesh  # pylint: disable=g-import-not-at-top
   loaded = trimesh.load(path, force="scene", process=False)
   geometries = [g for g in loaded.dump(concatenate=False)
                 if isinstance(g, trimesh.Trimesh) and len(g.faces)]
   if not geometries:
-    raise ValueError(f"{path}: no triangles")
+    raise ValueError("no triangles")
   textures = []
   parts = [_geometry_arrays(g, textures, texture_size) for g in geometries]
   corners, colors, uvs, texture_index = (np.concatenate(x) for x in zip(*parts))
   if up_axis == "y":
     corners = corners @ _Y_UP_TO_Z_UP.T
-  elif up_axis != "z":
-    raise ValueError(f"up_axis must be 'y' or 'z', got {up_axis!r}")
   corners = normalize_corners(corners)
   if not textures:
     textures = [np.ones((1, 1, 3), np.float32)]
