@@ -6,10 +6,19 @@ It follows the released PyTorch renderer step by step (OpenLRM's
 sampling, decoder, slab test, marcher and inverse-CDF sampling. Slow and
 simple; for small test inputs only.
 
-The one liberty: the inclusive in-box test on sample positions allows 1e-9,
-so that samples that lie on the box surface by construction (the first and
-last stratified samples when the jitter is 0) count as inside rather than
-being decided by float64 rounding.
+Everything is float64 except, in the compatible mode, the sample geometry:
+the released code decides whether a sample is inside the box from its float32
+position, and with jitter 0 the first and last stratified samples lie on the
+box surface by construction, so float32 rounding decides them (some rays
+that leave through a face have their last sample a rounding step outside).
+There the reference repeats the released float32 arithmetic, one rounding per
+operation as NumPy and PyTorch do: the slab depths ``(bound - o) * (1 / d)``,
+the coarse depths ``start + k / (n - 1) * (end - start)`` plus the jitter, the
+positions ``o + t * d`` and the inclusive test against ``[-1, 1]``. Rays must
+then be given in float32, as the renderer under test gets them.
+
+The clean mode counts samples on the surface as inside (its own rule): its
+in-box test on float64 positions allows 1e-9.
 """
 
 from __future__ import annotations
@@ -99,14 +108,19 @@ def torch_softplus(x):
 
 
 def ray_limits(origins, directions, box_size):
-  """get_ray_limits_box: entry/exit depths, -1/-2 for rays that miss."""
+  """get_ray_limits_box: entry/exit depths, -1/-2 for rays that miss.
+
+  Computed in the dtype of ``origins`` (float32 rays: the released float32
+  depths, bit for bit).
+  """
+  dtype = np.asarray(origins).dtype
   half = box_size / 2
-  bounds = np.array([[-half] * 3, [half] * 3])
-  t_min = np.empty(len(origins))
-  t_max = np.empty(len(origins))
+  bounds = np.array([[-half] * 3, [half] * 3], dtype)
+  t_min = np.empty(len(origins), dtype)
+  t_max = np.empty(len(origins), dtype)
   for r, (o, d) in enumerate(zip(origins, directions)):
     with np.errstate(divide="ignore"):
-      inv = 1.0 / d
+      inv = dtype.type(1) / d
     sign = (inv < 0).astype(int)
     lo = (bounds[sign[0], 0] - o[0]) * inv[0]
     hi = (bounds[1 - sign[0], 0] - o[0]) * inv[0]
@@ -182,6 +196,64 @@ def importance(depths, weights, uniforms):
   return out
 
 
+def coarse_depths(origins, directions, jitter, *, mode="compatible", box_size=2.0):
+  """Sample ranges and stratified depths of rays.
+
+  The compatible mode computes in float32 as released: ``math_utils.linspace``
+  (``start + k / (n - 1) * (end - start)``), then ``+ jitter * (end - start) /
+  (n - 1)``, one rounding per operation, so with jitter 0 the last depth is
+  ``start + (end - start)``, which may lie a rounding step past ``end``.
+
+  Args:
+    origins, directions: [N, 3] (float32 for the compatible mode).
+    jitter: [N, num_coarse] in [0, 1).
+    mode: "compatible" or "clean".
+
+  Returns:
+    (start [N], end [N], hit [N] bool, depths [N, num_coarse]) float64 values.
+  """
+  geometry = np.float32 if mode == "compatible" else np.float64
+  origins = np.asarray(origins, geometry)
+  directions = np.asarray(directions, geometry)
+  jitter = np.asarray(jitter, geometry)
+  t_min, t_max = ray_limits(origins, directions, box_size)
+  hit = t_max > t_min
+  if mode == "compatible":
+    start, end = t_min.copy(), t_max.copy()
+    if hit.any():
+      start[~hit] = t_min[hit].min()
+      end[~hit] = t_min[hit].max()
+  else:
+    hit &= t_max > 0
+    start = np.where(hit, np.maximum(t_min, 0), 0.0)
+    end = np.where(hit, t_max, 0.0)
+  num_coarse = jitter.shape[1]
+  steps = np.arange(num_coarse, dtype=geometry) / geometry(num_coarse - 1)
+  span = end - start
+  depths = start[:, None] + steps[None] * span[:, None]
+  depths = depths + jitter * (span / geometry(num_coarse - 1))[:, None]
+  return (start.astype(np.float64), end.astype(np.float64), hit,
+          depths.astype(np.float64))
+
+
+def released_points(origins, directions, depths, box_size=2.0):
+  """The released sample positions and in-box test, in float32.
+
+  Args:
+    origins, directions: [N, 3] float32.
+    depths: [N, S] (rounded to float32).
+
+  Returns:
+    (points [N, S, 3] float32 ``o + t * d``, inside [N, S] bool: all three
+    coordinates in ``[-box_size/2, box_size/2]``, inclusive).
+  """
+  origins = np.asarray(origins, np.float32)
+  directions = np.asarray(directions, np.float32)
+  points = origins[:, None] + np.asarray(depths, np.float32)[..., None] * directions[:, None]
+  half = box_size / 2
+  return points, np.all((-half <= points) & (points <= half), axis=-1)
+
+
 def render_view(layers, planes, origins, directions, jitter, uniforms, *,
                 mode="compatible", box_size=2.0, background=(1.0, 1.0, 1.0)):
   """Renders the rays of one view.
@@ -189,7 +261,8 @@ def render_view(layers, planes, origins, directions, jitter, uniforms, *,
   Args:
     layers: decoder as in :func:`field`.
     planes: [3, H, W, C].
-    origins, directions: [N, 3].
+    origins, directions: [N, 3]; float32 for the compatible mode (its
+      sample geometry is float32 arithmetic on them).
     jitter: [N, num_coarse] in [0, 1).
     uniforms: [N, num_fine] (num_fine may be 0).
     mode: "compatible" or "clean" (see vf3d_jax.rendering.renderer).
@@ -197,38 +270,25 @@ def render_view(layers, planes, origins, directions, jitter, uniforms, *,
   Returns:
     (rgb [N, 3], depth [N], opacity [N]).
   """
-  origins = np.asarray(origins, np.float64)
-  directions = np.asarray(directions, np.float64)
-  jitter = np.asarray(jitter, np.float64)
+  compatible = mode == "compatible"
   uniforms = np.asarray(uniforms, np.float64)
-  half = box_size / 2
-  t_min, t_max = ray_limits(origins, directions, box_size)
-  hit = t_max > t_min
-  if mode == "clean":
-    hit &= t_max > 0
-    start = np.where(hit, np.maximum(t_min, 0), 0.0)
-    end = np.where(hit, t_max, 0.0)
-  else:
-    start, end = t_min.copy(), t_max.copy()
-    if hit.any():
-      start[~hit] = t_min[hit].min()
-      end[~hit] = t_min[hit].max()
-
-  num_coarse = jitter.shape[1]
-  steps = np.arange(num_coarse) / (num_coarse - 1)
-  coarse = (start[:, None] + steps[None] * (end - start)[:, None]
-            + jitter * ((end - start) / (num_coarse - 1))[:, None])
+  start, end, hit, coarse = coarse_depths(origins, directions, jitter, mode=mode,
+                                          box_size=box_size)
+  geometry = np.float32 if compatible else np.float64
+  origins = np.asarray(origins, geometry)
+  directions = np.asarray(directions, geometry)
 
   def evaluate(depths):
-    points = origins[:, None] + depths[..., None] * directions[:, None]
-    flat = points.reshape(-1, 3)
-    raw, rgb = field(layers, planes, flat, box_size)
-    inside = np.all(np.abs(flat) <= half + SURFACE_TOLERANCE, axis=-1)
-    if mode == "clean":
+    if compatible:
+      points, inside = released_points(origins, directions, depths, box_size)
+    else:
+      points = origins[:, None] + depths[..., None] * directions[:, None]
+      inside = np.all(np.abs(points) <= box_size / 2 + SURFACE_TOLERANCE, axis=-1)
       # Nothing behind the camera or on a ray that misses.
-      inside &= np.repeat(hit, depths.shape[1]) & (depths.reshape(-1) >= 0)
-    raw = np.where(inside, raw, OUTSIDE_RAW_DENSITY)
-    rgb = np.where(inside[:, None], rgb, 0.0)
+      inside &= hit[:, None] & (depths >= 0)
+    raw, rgb = field(layers, planes, points.reshape(-1, 3).astype(np.float64), box_size)
+    raw = np.where(inside.reshape(-1), raw, OUTSIDE_RAW_DENSITY)
+    rgb = np.where(inside.reshape(-1)[:, None], rgb, 0.0)
     return rgb.reshape(depths.shape + (3,)), raw.reshape(depths.shape)
 
   colors, densities = evaluate(coarse)

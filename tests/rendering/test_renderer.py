@@ -69,12 +69,21 @@ def scene():
               layers=layers)
 
 
+# The rays render_views computes inside its jit. The compatible mode's in-box
+# test is float32 arithmetic on them, so the reference must get these very
+# rays: the reference's own (float64) rays differ by rounding steps, which move
+# samples on the box surface in or out. test_rays_match_reference checks them.
+view_rays = jax.jit(jax.vmap(cameras.generate_rays, in_axes=(0, 0, None, None)),
+                    static_argnums=(2, 3))
+
+
 def _reference_views(scene, noise, options, resolution=RESOLUTION, crop=None):
   """Renders each view with the NumPy reference; arrays [V, S*S, ...]."""
+  all_origins, all_directions = view_rays(scene["c2w"], scene["intrinsics"],
+                                          resolution, crop)
   outs = []
   for v in range(scene["c2w"].shape[0]):
-    origins, directions = ref.rays_for_view(scene["c2w"][v], scene["intrinsics"][v],
-                                            resolution, crop)
+    origins, directions = np.asarray(all_origins[v]), np.asarray(all_directions[v])
     outs.append(ref.render_view(
         scene["layers"], np.asarray(scene["planes"]), origins, directions,
         np.asarray(noise.jitter[v]), np.asarray(noise.uniforms[v]),
@@ -101,6 +110,17 @@ def test_scene_has_missed_rays(scene):
                                             RESOLUTION)
     t_min, t_max = ref.ray_limits(origins, directions, 2.0)
     assert low <= np.sum(t_max <= t_min) <= high, v
+
+
+@pytest.mark.parametrize("crop", [None, (1, 2, 3)])
+def test_rays_match_reference(scene, crop):
+  origins, directions = view_rays(scene["c2w"], scene["intrinsics"], RESOLUTION, crop)
+  for v in range(scene["c2w"].shape[0]):
+    ref_origins, ref_directions = ref.rays_for_view(
+        scene["c2w"][v], scene["intrinsics"][v], RESOLUTION, crop)
+    # float32 against float64: a few rounding steps.
+    np.testing.assert_allclose(origins[v], ref_origins, rtol=0, atol=3e-7)
+    np.testing.assert_allclose(directions[v], ref_directions, rtol=0, atol=3e-7)
 
 
 def test_intersect_box_matches_reference():
@@ -132,6 +152,40 @@ def test_depth_inside_test_equals_position_test():
   np.testing.assert_array_equal(inside, expected)
 
 
+def test_released_geometry_rounds_like_float32_numpy():
+  """Compatible depths and positions are the released float32 values bit for
+  bit, under jit (where XLA would otherwise fuse products into sums)."""
+  rng = np.random.default_rng(2)
+  start = rng.uniform(0.5, 2.0, 300).astype(np.float32)
+  end = rng.uniform(2.0, 4.0, 300).astype(np.float32)
+  jitter = rng.uniform(0, 1, (300, 64)).astype(np.float32)
+  jitter[:100] = 0
+  origins = rng.uniform(-3, 3, (300, 3)).astype(np.float32)
+  directions = rng.normal(size=(300, 3)).astype(np.float32)
+
+  @jax.jit
+  def geometry(start, end, jitter, origins, directions):
+    depths = volume.stratified_depths(start, end, jitter, as_released=True)
+    points = volume.sample_points(origins, directions, depths, as_released=True)
+    return depths, points, volume.inside_box_points(points)
+
+  depths, points, inside = geometry(start, end, jitter, origins, directions)
+  depths = np.asarray(depths)
+  steps = np.arange(64, dtype=np.float32) / np.float32(63)
+  span = (end - start)[:, None]
+  expected = start[:, None] + steps * span + jitter * (span / np.float32(63))
+  # The grid (jitter 0) bit for bit; with jitter, XLA multiplies by 1/63
+  # instead of dividing by 63: a rounding step at most.
+  np.testing.assert_array_equal(depths[:100], expected[:100])
+  np.testing.assert_allclose(depths, expected, rtol=2.4e-7, atol=0)
+  # With jitter 0 the last depth is start + (end - start), not always end.
+  assert np.any(depths[:100, -1] != end[:100])
+  expected_points, expected_inside = ref.released_points(origins, directions, depths)
+  np.testing.assert_array_equal(points, expected_points)
+  np.testing.assert_array_equal(inside, expected_inside)
+  assert 0 < expected_inside.sum() < expected_inside.size
+
+
 @pytest.mark.parametrize("mode", ["compatible", "clean"])
 @pytest.mark.parametrize("random", [False, True])
 def test_matches_reference(scene, mode, random):
@@ -155,6 +209,58 @@ def test_matches_reference(scene, mode, random):
     assert np.all(depth[:2][opacity[:2] > 0] > 0)
 
 
+def _face_rays():
+  """Float32 rays of four 16x16 orbit views (radius 2, elevation 0.2).
+
+  The top rows leave the box through its top face z = +1; with jitter 0 the
+  samples at the box entry and exit lie on faces, and float32 rounding puts
+  some of them just outside.
+  """
+  c2w = cameras.orbit_cameras(4, radius=2.0, elevation=0.2, azimuth_offset=0.1, xp=np)
+  intrinsics = np.tile(cameras.DEFAULT_INTRINSICS[None], (4, 1))
+  origins, directions = view_rays(c2w, intrinsics, 16, None)
+  return np.asarray(origins).reshape(-1, 3), np.asarray(directions).reshape(-1, 3)
+
+
+def test_face_samples_match_reference(scene):
+  """Deterministic samples on the box faces are in or out as released.
+
+  The released renderer tests float32 sample positions: a ray that leaves
+  through a face loses its last sample (and last interval) when rounding puts
+  it outside, which lowers the opacity by up to ~1e-2 here.
+  """
+  options = renderer.RenderOptions(**SMALL)
+  origins, directions = _face_rays()
+  noise = renderer.deterministic_noise((origins.shape[0],), options)
+  jitter, uniforms = np.asarray(noise.jitter), np.asarray(noise.uniforms)
+  # The rays exercise the rule: last samples rounded out of the top face and
+  # of other faces, first samples rounded out of the entry face.
+  _, end, hit, depths = ref.coarse_depths(origins, directions, jitter)
+  _, inside = ref.released_points(origins, directions, depths)
+  exit_z = origins[:, 2] + end * directions[:, 2]
+  top_exit = hit & (np.abs(exit_z - 1) < 1e-5)
+  last_out = hit & ~inside[:, -1]
+  first_out = hit & ~inside[:, 0]
+  assert np.sum(top_exit) >= 100 and np.sum(last_out & top_exit) >= 10
+  assert np.sum(last_out & ~top_exit) >= 50 and np.sum(first_out) >= 3
+
+  out = jax.jit(renderer.render_rays, static_argnames="options")(
+      scene["params"], scene["planes"], origins, directions, noise, options=options)
+  args = (scene["layers"], np.asarray(scene["planes"]), origins, directions,
+          jitter, uniforms)
+  rgb, depth, opacity = ref.render_view(*args)
+  # float32 against float64 on the same float32 sample geometry.
+  np.testing.assert_allclose(out["rgb"], rgb, atol=3e-6)
+  np.testing.assert_allclose(out["opacity"], opacity, atol=3e-6)
+  np.testing.assert_allclose(out["depth"], depth, atol=1e-5)
+  # Counting the rounded-out samples as inside (the clean rule) changes these
+  # pixels by far more than the tolerance.
+  _, _, clean_opacity = ref.render_view(*args, mode="clean")
+  changed = np.abs(clean_opacity - opacity) > 1e-4
+  assert np.sum(changed & last_out & top_exit) >= 5
+  assert not np.any(changed & ~last_out & ~first_out)
+
+
 @pytest.mark.parametrize("mode", ["compatible", "clean"])
 def test_camera_inside_box_matches_reference(scene, mode):
   """Rays from inside the box: the compatible mode also samples behind them."""
@@ -176,15 +282,35 @@ def test_camera_inside_box_matches_reference(scene, mode):
   assert (np.min(depth) < 0) == (mode == "compatible")
 
 
-def test_modes_differ_only_in_depth(scene):
-  noise = renderer.deterministic_noise((3, RESOLUTION ** 2),
-                                       renderer.RenderOptions(**SMALL))
+@pytest.mark.parametrize("random", [False, True])
+def test_modes_differ_only_in_depth(scene, random):
+  """Cameras outside the box: the modes differ in depth, and in colour only
+  where the compatible mode rounds a surface sample out of the box (jitter 0)."""
+  options = renderer.RenderOptions(**SMALL)
+  if random:
+    noise = renderer.view_noise(jax.random.key(8), 3, RESOLUTION, None, options)
+  else:
+    noise = renderer.deterministic_noise((3, RESOLUTION ** 2), options)
   outs = [render_views(scene["params"], scene["planes"], scene["c2w"],
                        scene["intrinsics"], RESOLUTION, noise=noise,
                        options=renderer.RenderOptions(mode=mode, **SMALL))
           for mode in ("compatible", "clean")]
-  np.testing.assert_allclose(outs[0]["rgb"], outs[1]["rgb"], atol=1e-6)
-  np.testing.assert_allclose(outs[0]["opacity"], outs[1]["opacity"], atol=1e-6)
+  same = np.ones((3, RESOLUTION ** 2), bool)
+  if not random:
+    origins, directions = view_rays(scene["c2w"], scene["intrinsics"], RESOLUTION, None)
+    for v in range(3):
+      _, _, hit, depths = ref.coarse_depths(np.asarray(origins[v]),
+                                            np.asarray(directions[v]),
+                                            np.asarray(noise.jitter[v]))
+      _, inside = ref.released_points(origins[v], directions[v], depths)
+      same[v] = ~(hit & ~(inside[:, 0] & inside[:, -1]))
+    assert np.sum(~same) >= 3
+  rgb = [np.asarray(out["rgb"]).reshape(3, -1, 3) for out in outs]
+  opacity = [np.asarray(out["opacity"]).reshape(3, -1) for out in outs]
+  np.testing.assert_allclose(rgb[0][same], rgb[1][same], atol=1e-6)
+  np.testing.assert_allclose(opacity[0][same], opacity[1][same], atol=1e-6)
+  if not random:
+    assert np.abs(opacity[0][~same] - opacity[1][~same]).max() > 1e-3
   assert np.abs(outs[0]["depth"] - outs[1]["depth"]).max() > 0.1
 
 

@@ -21,14 +21,19 @@ Modes (``RenderOptions.mode``):
   depth is clamped to the minimum and maximum sample depth of the whole view,
   so an empty ray reads the view's farthest sample; a ray starts at the box
   entry even when that is behind the camera. A crop's depths can therefore
-  differ from the same pixels of the full image.
+  differ from the same pixels of the full image. A sample is inside the box
+  by the released test on its float32 position, with the released rounding of
+  depths and positions (:mod:`vf3d_jax.rendering.volume`): with jitter 0 some
+  rays that leave through a face lose their last sample (and so their last
+  interval) to a rounding step.
 * ``"clean"``: every ray is rendered on its own, with no per-view quantity, so
   crops, chunks and shards never change a pixel. Samples start at
   ``max(t_near, 0)`` and a ray hits only if the box is (partly) in front of the
   camera; a missed ray samples ``[0, 0]``; each depth is clamped to the ray's
   own ``[start, end]``, so an empty ray reads its box exit and a missed ray 0.
-  Colours and opacities are those of the compatible mode for cameras outside
-  the box.
+  Samples on the box surface count as inside. For cameras outside the box,
+  colours and opacities are those of the compatible mode except on the rays
+  whose first or last sample the compatible mode rounds out of the box.
 
 Both modes composite missed rays with opacity 0 (all their samples are
 outside the box) and colour ``background``.
@@ -194,14 +199,21 @@ def _render_ray(decoder_params, planes, ray, key, options: RenderOptions):
   else:
     noise = deterministic_noise((), options)
 
+  compatible = options.mode == "compatible"
+
   def evaluate(depths):
-    points = ray["origin"] + depths[:, None] * ray["direction"]
+    points = volume.sample_points(ray["origin"], ray["direction"], depths,
+                                  as_released=compatible)
     raw, rgb = query_samples(decoder_params, planes, points, options)
-    inside = volume.inside_box(depths, ray["t_near"], ray["t_far"], ray["hit"])
+    if compatible:
+      inside = volume.inside_box_points(points, options.box_size)
+    else:
+      inside = volume.inside_box(depths, ray["t_near"], ray["t_far"], ray["hit"])
     rgb, raw = volume.mask_outside(rgb, raw, inside)
     return rgb, raw
 
-  depths = volume.stratified_depths(ray["start"], ray["end"], noise.jitter)
+  depths = volume.stratified_depths(ray["start"], ray["end"], noise.jitter,
+                                    as_released=compatible)
   rgb, raw = evaluate(depths)
   if options.num_fine > 0:
     weights, _, _, _ = volume.composite(rgb, raw, depths)

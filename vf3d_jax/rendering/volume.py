@@ -7,17 +7,23 @@ midpoints, and NeRF-style inverse-CDF resampling of smoothed coarse weights.
 Every function here works on one ray or on any batch of rays: the sample axis is
 last (``[..., S]``; colours ``[..., S, 3]``).
 
-What differs from a literal transcription, and why:
+The compatible mode keeps the released float32 arithmetic where rounding
+decides an outcome. With jitter 0 the first and last stratified samples lie on
+the box surface by construction; the released renderer computes the last depth
+as ``start + 1 * (end - start)``, the positions as ``origin + depth *
+direction`` and tests those positions (inclusive) against the box, so whether a
+surface sample counts is decided by float32 rounding: on some of the rays that
+leave the box through a face the last sample lands a rounding step outside and
+drops out, and the last interval with it. :func:`stratified_depths` and
+:func:`sample_points` with ``as_released=True`` and :func:`inside_box_points`
+reproduce that; :func:`round_product` keeps XLA from fusing those products
+into their sums (a fused multiply-add rounds once, PyTorch twice).
 
-* The linear part of the stratified samples is ``start * (1 - s) + end * s``
-  instead of ``start + s * (end - start)``. They agree to an ulp, but this form
-  puts the first and last samples exactly on ``start`` and ``end``.
-* Whether a sample is inside the box is decided from its depth
-  (``t_near <= t <= t_far`` on a ray that hits) rather than from its rounded
-  position. On a straight line through a convex box the two tests are the same
-  set; the depth form is exact where samples sit on the box surface (the first
-  and last samples when the jitter is 0), which the position test leaves to
-  rounding.
+The clean mode decides in-box samples from their depth (``t_near <= t <=
+t_far`` on a ray that hits, :func:`inside_box`) and puts the first and last
+samples exactly on ``start`` and ``end`` (``start * (1 - s) + end * s``): on a
+straight line through a convex box this is the inclusive position test
+without the rounding, so samples on the surface count.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from vf3d_jax.models.triplane import density_activation
 # (the most negative float32) divided by 3, so that the sum of two of them at a
 # midpoint still does not overflow. softplus of it is exactly 0.
 OUTSIDE_RAW_DENSITY = float(np.float32(np.finfo(np.float32).min) / np.float32(3))
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Keeps the transmittance product away from 0 (as released).
 TRANSMITTANCE_EPS = 1e-10
 # Added to the smoothed coarse weights before they become a pdf (as released).
@@ -62,32 +69,99 @@ def intersect_box(origins: jax.Array, directions: jax.Array,
   return t_near, t_far, t_near < t_far
 
 
-def stratified_depths(start: jax.Array, end: jax.Array,
-                      jitter: jax.Array) -> jax.Array:
+def round_product(product: jax.Array) -> jax.Array:
+  """``product`` kept a float32 value of its own before it is summed.
+
+  XLA contracts ``a + b * c`` into a fused multiply-add where it can (one
+  rounding), PyTorch's eager kernels round the product and then the sum. A
+  clamp to the finite float32 range between the two stops the contraction and
+  changes no finite value, so ``a + round_product(b * c)`` rounds as released.
+
+  Args:
+    product: any float32 array.
+
+  Returns:
+    the same values (infinities clamped to the largest finite float).
+  """
+  return jnp.clip(product, -FLOAT32_MAX, FLOAT32_MAX)
+
+
+def stratified_depths(start: jax.Array, end: jax.Array, jitter: jax.Array,
+                      as_released: bool = False) -> jax.Array:
   """Evenly spaced depths from ``start`` to ``end``, each pushed by a jitter.
 
-  ``t_k = lerp(start, end, k / (S - 1)) + jitter_k * (end - start) / (S - 1)``:
-  the jitter is drawn per sample, so with it the last sample lies beyond
+  ``t_k = start + k / (S - 1) * (end - start) + jitter_k * (end - start) / (S -
+  1)``: the jitter is drawn per sample, so with it the last sample lies beyond
   ``end`` (as released).
 
   Args:
     start: ``[...]`` float32 first depth.
     end: ``[...]`` float32 last depth.
     jitter: ``[..., S]`` in ``[0, 1)``; zeros give the plain grid.
+    as_released: round as the released ``math_utils.linspace`` does (each
+      product, then each sum), so that the last depth is ``start + (end -
+      start)``, which may differ from ``end`` by a rounding step. Otherwise the
+      grid is ``start * (1 - s) + end * s``, exactly ``start`` and ``end`` at
+      its ends. The jitter's step ``(end - start) / (S - 1)`` is computed as a
+      multiplication by the reciprocal (XLA's rewrite), so jittered depths may
+      differ from the released ones by a rounding step; the grid itself
+      (jitter 0) is the released one bit for bit.
 
   Returns:
     ``[..., S]`` float32 depths.
   """
   num = jitter.shape[-1]
-  step = jnp.arange(num, dtype=jnp.float32) / (num - 1)
+  # k / (S - 1) divided here: XLA would turn a division by a constant into a
+  # multiplication by its (rounded) reciprocal.
+  step = jnp.asarray(np.arange(num, dtype=np.float32) / np.float32(num - 1))
   start = start[..., None]
   end = end[..., None]
-  return start * (1.0 - step) + end * step + jitter * ((end - start) / (num - 1))
+  span = end - start
+  if as_released:
+    grid = start + round_product(step * span)
+    return grid + round_product(jitter * (span / (num - 1)))
+  return start * (1.0 - step) + end * step + jitter * (span / (num - 1))
+
+
+def sample_points(origin: jax.Array, direction: jax.Array, depths: jax.Array,
+                  as_released: bool = False) -> jax.Array:
+  """Points ``origin + depth * direction`` of the samples of rays.
+
+  Args:
+    origin: ``[..., 3]`` float32.
+    direction: ``[..., 3]`` float32.
+    depths: ``[..., S]`` float32.
+    as_released: round each product before the sum (see
+      :func:`round_product`), so the positions are the released float32 ones
+      bit for bit.
+
+  Returns:
+    ``[..., S, 3]`` float32.
+  """
+  offsets = depths[..., None] * direction[..., None, :]
+  if as_released:
+    offsets = round_product(offsets)
+  return origin[..., None, :] + offsets
+
+
+def inside_box_points(points: jax.Array, box_size: float = 2.0) -> jax.Array:
+  """``[..., S]`` bool: the released in-box test on sample positions.
+
+  Inclusive: ``-box_size/2 <= p <= box_size/2`` on all three axes, on the
+  float32 positions as they are (see :func:`sample_points`).
+
+  Args:
+    points: ``[..., S, 3]`` sample positions.
+  """
+  half = box_size / 2
+  return jnp.all((points >= -half) & (points <= half), axis=-1)
 
 
 def inside_box(depths: jax.Array, t_near: jax.Array, t_far: jax.Array,
                hit: jax.Array) -> jax.Array:
   """``[..., S]`` bool: samples at ``depths`` inside the box (inclusive).
+
+  The clean mode's test: samples on the box surface by construction count.
 
   Args:
     depths: ``[..., S]`` sample depths.
