@@ -2,6 +2,9 @@
 
 import fractions
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from vf3d_jax.inference.preprocess import (EmptyForegroundError, ImageLoadError,
                                            remove_background, to_rgba)
 
 SIZE = 512
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _ellipse_mask(height, width, centre, radii):
@@ -322,3 +326,82 @@ def test_whole_pipeline_matches_hand_made_reference():
       torch.from_numpy(canvas).permute(2, 0, 1)[None], size=(SIZE, SIZE), mode="bicubic",
       align_corners=True).clamp(0, 1)[0].permute(1, 2, 0).numpy()
   np.testing.assert_allclose(image, reference, atol=1e-4)  # see the test above
+
+
+_PEAK_MEMORY = """
+import resource, sys
+import numpy as np
+from vf3d_jax.inference import preprocess
+preprocess.preprocess_image(np.ones((8, 8, 3), np.float32) * 0.5 + np.eye(8)[..., None] * 0.4,
+                            size=64)  # imports, compilation: the baseline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image, info = preprocess.preprocess_image(sys.argv[1], size=64)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, info["working_size"])
+"""
+
+
+def test_a_long_strip_is_downscaled_before_the_square_canvas(tmp_path):
+  # 8000 x 40: a max(H, W)^2 float32 RGBA canvas and its copies would peak at
+  # ~1.6 GB over the baseline (measured); downscaled to 2048 x 10 it is ~0.2 GB.
+  rgba = np.zeros((40, 8000, 4), np.uint8)
+  rgba[10:30, 800:7200] = (200, 30, 30, 255)
+  path = tmp_path / "strip.png"
+  Image.fromarray(rgba).save(path)
+  done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(path)], capture_output=True,
+                        text=True, timeout=300, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-2000:]
+  grown_kb, working = done.stdout.split(maxsplit=1)
+  assert working.strip() == "(10, 2048)"
+  assert int(grown_kb) < 400 * 1024, f"peak RSS grew by {int(grown_kb) // 1024} MB"
+
+
+def _square_scene(mode, side):
+  """A 1:2 image of ``mode`` with a centred red square on white, built at ``side`` x 2 ``side``.
+
+  Where there is alpha, it is the square and hidden green fills the rest.
+  """
+  inside = np.zeros((side, 2 * side), bool)
+  inside[side // 4:3 * side // 4, 3 * side // 4:5 * side // 4] = True
+  rgb = np.where(inside[..., None], (200, 30, 30), (255, 255, 255)).astype(np.uint8)
+  hidden = np.where(inside[..., None], rgb, (0, 255, 0)).astype(np.uint8)
+  alpha = np.where(inside, 255, 0).astype(np.uint8)
+  if mode == "array":
+    return np.dstack([hidden, alpha])
+  if mode in ("P", "P_transparent"):
+    index = np.where(inside, 1, 2 if mode == "P_transparent" else 0).astype(np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette([255, 255, 255, 200, 30, 30, 0, 255, 0] + [0] * 759)
+    if mode == "P_transparent":
+      image.info["transparency"] = 2
+    return image
+  if mode in ("RGBA", "LA"):
+    return Image.fromarray(np.dstack([hidden, alpha])).convert(mode)
+  if mode == "I;16":
+    return Image.fromarray(rgb[..., 1].astype(np.uint16) * 257)
+  if mode == "1":
+    return Image.fromarray(rgb).convert("L").convert("1", dither=Image.Dither.NONE)
+  return Image.fromarray(rgb).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "P_transparent", "1", "I;16",
+                                  "CMYK", "array"])
+def test_large_images_are_area_downscaled_to_max_side(mode):
+  # 60 x 120 with max_side 40: a downscale by 3, and the square's edges sit on
+  # 3-pixel block boundaries, so the area downscale equals building the
+  # picture at 20 x 40 directly.
+  matte = lambda colour: colour.mean(-1) < 0.5
+  out, info = preprocess_image(_square_scene(mode, 60), size=32, max_side=40, matting_fn=matte)
+  assert info["input_size"] == (60, 120)
+  assert info["working_size"] == (20, 40) and info["alpha"].shape == (20, 40)
+  expected, _ = preprocess_image(_square_scene(mode, 20), size=32, max_side=None,
+                                 matting_fn=matte)
+  np.testing.assert_allclose(out, expected, atol=1.5 / 255)  # 8-bit averaging in Pillow
+
+
+def test_images_within_max_side_are_untouched():
+  image = Image.fromarray(np.random.default_rng(8).integers(0, 255, (30, 50, 4), np.uint8))
+  assert preprocess.downscale_image(image, 50) is image
+  assert preprocess.downscale_image(image, None) is image
+  assert preprocess.downscale_image(image, 10).size == (10, 6)
+  # A strip keeps at least one pixel across.
+  assert preprocess.downscale_image(Image.new("RGB", (6000, 2)), 2048).size == (2048, 1)

@@ -106,7 +106,8 @@ class Reconstructor:
     image, _ = preprocess.preprocess_image(
         image_path, size=self.arch.input_size,
         foreground_ratio=self.config.preprocess.foreground_ratio,
-        matting_fn=self.config.preprocess.matting)
+        matting_fn=self.config.preprocess.matting,
+        max_side=self.config.preprocess.max_side)
     seconds["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -2,7 +2,10 @@
 
 The released model was fed images prepared this way (spec section 6):
 
-1. read the image (EXIF orientation applied);
+1. read the image (EXIF orientation applied); an image whose longer side
+   exceeds ``max_side`` (2048) is area-downscaled to it first, so memory and
+   time stay bounded whatever the image's size or aspect ratio (the canvas
+   below is ``max(H, W)`` squared);
 2. find the object: an image with meaningful alpha keeps it, an opaque image
    gets an alpha matte (upstream: rembg ``isnet-general-use``; here a built-in
    border-colour matte or any ``matting_fn`` plugged in);
@@ -42,6 +45,11 @@ from vf3d_jax.ops.resize import resize_bicubic
 # An alpha matte from colour: rgb [H, W, 3] float32 in [0, 1] -> alpha [H, W].
 MattingFn = Callable[[np.ndarray], np.ndarray]
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+# Longest side the preprocessing works at: larger inputs are area-downscaled
+# before matting. The model sees 512 x 512; at 2048 a step's arrays (float32
+# RGBA canvas, matting temporaries) stay within a few hundred MB.
+MAX_SIDE = 2048
 
 # A pixel counts as foreground for the bounding box when its alpha would not
 # round to 0 in 8 bits (upstream takes the nonzero pixels of a uint8 mask).
@@ -439,12 +447,72 @@ def resize_to_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
 # The whole pipeline.
 
 
-def _as_rgba(image: ImageInput) -> tuple[np.ndarray, str]:
-  """Any accepted input -> (``[H, W, 4]`` float32, a name for messages)."""
+def _downscaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int] | None:
+  """``(h, w)`` with the longer side ``max_side`` (each at least 1), or None if it fits."""
+  if max_side is None or max(height, width) <= max_side:
+    return None
+  scale = max_side / max(height, width)
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def downscale_image(image: Image.Image, max_side: int | None = MAX_SIDE) -> Image.Image:
+  """Area-downscales (Pillow ``BOX``) so the longer side is at most ``max_side``.
+
+  Works on the decoded 8-bit (or 32-bit) data, before ``to_rgba`` makes it
+  float32. Modes Pillow cannot area-resize become the ones ``to_rgba`` maps
+  them to anyway (palette and colour-key transparency -> RGBA, ``1`` -> L,
+  16-bit -> I, CMYK and other colour spaces -> RGB); RGBA and LA are
+  resized premultiplied by Pillow, so hidden colour does not bleed.
+  """
+  size = _downscaled_size(image.height, image.width, max_side)
+  if size is None:
+    return image
+  if image.mode in ("P", "PA") or "transparency" in image.info:
+    image = image.convert("RGBA")
+  elif image.mode == "1":
+    image = image.convert("L")
+  elif image.mode.startswith("I;16"):
+    image = image.convert("I")
+  elif image.mode not in ("RGB", "RGBA", "RGBa", "L", "LA", "La", "I", "F"):
+    image = image.convert("RGB")
+  return image.resize((size[1], size[0]), Image.BOX)
+
+
+def _downscale_array(rgba: np.ndarray, max_side: int | None) -> np.ndarray:
+  """``downscale_image`` for float straight-alpha ``[H, W, 4]`` (premultiplied area resize)."""
+  size = _downscaled_size(*rgba.shape[:2], max_side)
+  if size is None:
+    return rgba
+  alpha = rgba[..., 3:]
+  small = area_resize(np.concatenate([rgba[..., :3] * alpha, alpha], -1), size)
+  colour = np.where(small[..., 3:] > 0, small[..., :3] / np.maximum(small[..., 3:], 1e-12), 0.0)
+  return np.concatenate([np.clip(colour, 0.0, 1.0), small[..., 3:]], -1).astype(np.float32)
+
+
+def load_rgba(image: ImageInput, max_side: int | None = MAX_SIDE
+              ) -> tuple[np.ndarray, tuple[int, int], str]:
+  """Any accepted input as straight-alpha RGBA, downscaled to ``max_side``.
+
+  Args:
+    image: a path, a ``PIL.Image`` or an array (see ``preprocess_image``).
+    max_side: longest side of the result (None: keep the input's size).
+
+  Returns:
+    ``(rgba [H', W', 4] float32 in [0, 1], (H, W) of the input, a name for
+    messages)``.
+
+  Raises:
+    ImageLoadError: unreadable input file.
+    ValueError: an array of another shape.
+  """
   if isinstance(image, (str, os.PathLike)):
-    return to_rgba(load_image(image)), os.fspath(image)
-  if isinstance(image, Image.Image):
-    return to_rgba(ImageOps.exif_transpose(image)), "<PIL image>"
+    upright, source = load_image(image), os.fspath(image)
+  elif isinstance(image, Image.Image):
+    upright, source = ImageOps.exif_transpose(image), "<PIL image>"
+  else:
+    upright = None
+  if upright is not None:
+    return to_rgba(downscale_image(upright, max_side)), (upright.height, upright.width), source
   array = np.asarray(image)
   if array.ndim == 2:
     array = array[..., None]
@@ -459,13 +527,13 @@ def _as_rgba(image: ImageInput) -> tuple[np.ndarray, str]:
     array = np.repeat(array, 3, axis=-1)
   if array.shape[-1] == 3:
     array = np.concatenate([array, np.ones_like(array[..., :1])], -1)
-  return array, "<array>"
+  return _downscale_array(array, max_side), array.shape[:2], "<array>"
 
 
 def preprocess_image(image: ImageInput, size: int = 512,
                      foreground_ratio: float = 0.8,
-                     matting_fn: MattingFn | str | None = None
-                     ) -> tuple[np.ndarray, dict[str, Any]]:
+                     matting_fn: MattingFn | str | None = None,
+                     max_side: int | None = MAX_SIDE) -> tuple[np.ndarray, dict[str, Any]]:
   """Turns a photo or cut-out into the model's input image.
 
   Args:
@@ -476,18 +544,21 @@ def preprocess_image(image: ImageInput, size: int = 512,
     matting_fn: for opaque images, a callable ``rgb [H, W, 3] -> alpha [H,
       W]`` or a name in ``MATTING_METHODS``; ``None`` uses the built-in
       ``remove_background``. Images with meaningful alpha keep theirs.
+    max_side: a larger input is area-downscaled to this longer side first
+      (``MAX_SIDE``; None: never).
 
   Returns:
     ``(image [size, size, 3] float32 in [0, 1], info)``; ``info`` holds
-    ``input_size`` ``(H, W)``, ``alpha_source`` (``"image"`` or the matting
-    method's name), ``alpha`` (``[H, W]`` float32, the matte used) and the
-    geometry from ``recenter``.
+    ``input_size`` ``(H, W)``, ``working_size`` ``(H', W')`` (after the
+    downscale), ``alpha_source`` (``"image"`` or the matting method's name),
+    ``alpha`` (``[H', W']`` float32, the matte used) and the geometry from
+    ``recenter`` (in working pixels).
 
   Raises:
     ImageLoadError: unreadable input file.
     EmptyForegroundError: no object found.
   """
-  rgba, source = _as_rgba(image)
+  rgba, input_size, source = load_rgba(image, max_side)
   if has_meaningful_alpha(rgba):
     alpha_source = "image"
   else:
@@ -503,5 +574,5 @@ def preprocess_image(image: ImageInput, size: int = 512,
   except EmptyForegroundError as e:
     raise EmptyForegroundError(f"{source}: {e}") from e
   result = resize_to_model_input(composite_on_white(canvas), size)
-  info.update(input_size=rgba.shape[:2], alpha_source=alpha_source, alpha=rgba[..., 3])
+  info.update(input_size=input_size, working_size=rgba.shape[:2], alpha_source=alpha_source, alpha=rgba[..., 3])
   return result, info
