@@ -121,20 +121,125 @@ def test_deterministic_runs_repeat_and_random_runs_differ(workspace):
   assert np.abs(a - c).max() > 0
 
 
+def _infer(*args):
+  return subprocess.run([sys.executable, "-m", "vf3d_jax.infer", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
 def test_cli_reports_bad_checkpoint_in_one_line(workspace, tmp_path):
   _, _, images = workspace
   bad = tmp_path / "notes.txt"
   bad.write_text("hello")
-  result = subprocess.run(
-      [sys.executable, "-m", "vf3d_jax.infer", "--checkpoint", str(bad), "--image", str(images),
-       "--output", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith("error:")
-  assert "not a safetensors file" in result.stderr
-  missing = subprocess.run(
-      [sys.executable, "-m", "vf3d_jax.infer", "--checkpoint", str(bad), "--image",
-       str(tmp_path / "nope.png")], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert missing.returncode == 2
+  result = _infer("--checkpoint", str(bad), "--image", str(images), "--output",
+                  str(tmp_path / "o"))
+  assert (result.returncode, result.stderr) == (
+      1, f"error: {bad}: not a safetensors file or a PyTorch checkpoint\n")
+  assert not (tmp_path / "o").exists()
+
+
+def test_cli_checks_image_output_and_config_before_the_checkpoint(workspace, tmp_path):
+  _, _, images = workspace
+  bad = tmp_path / "notes.txt"
+  bad.write_text("hello")  # would fail to load, but is never reached
+  missing = tmp_path / "nope.png"
+  result = _infer("--checkpoint", str(bad), "--image", str(missing), "--output",
+                  str(tmp_path / "o"))
+  assert (result.returncode, result.stderr) == (1, f"error: {missing}: no such file or folder\n")
+  in_the_way = tmp_path / "file"
+  in_the_way.write_text("")
+  for output, where in ((in_the_way, ""), (in_the_way / "sub", f" ({in_the_way})")):
+    result = _infer("--checkpoint", str(bad), "--image", str(images), "--output", str(output))
+    assert (result.returncode, result.stderr) == (
+        1, f"error: output {output}: a file{where} is in the way of the folder\n")
+  result = _infer("--config.render.fps=0", "--checkpoint", str(bad), "--image", str(images),
+                  "--output", str(tmp_path / "o"))
+  assert (result.returncode, result.stderr) == (
+      1, "error: render.fps must be a number >= 1, got 0\n")
+  assert result.stdout == "" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("render.num_views", 0, "render.num_views must be a number >= 1, got 0"),
+    ("render.resolution", -8, "render.resolution must be a number >= 1, got -8"),
+    ("render.fps", 0, "render.fps must be a number >= 1, got 0"),
+    ("mesh.resolution", 1, "mesh.resolution must be a number >= 2, got 1"),
+    ("preprocess.max_side", 0, "preprocess.max_side must be a number >= 1, got 0"),
+    ("preprocess.foreground_ratio", 0.0, "preprocess.foreground_ratio must be in (0, 1], got 0.0"),
+])
+def test_bad_settings_are_named_before_the_checkpoint_loads(workspace, tmp_path, field, value,
+                                                            message):
+  _, _, images = workspace
+  config = _config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError) as e:
+    infer.run(config, str(tmp_path / "absent.safetensors"), str(images), str(tmp_path / "o"),
+              progress=False)
+  assert str(e.value) == message
+  config.render.enabled = config.mesh.enabled = False  # unused settings are not checked
+  if section in ("render", "mesh"):
+    infer.validate_config(config)
+
+
+def test_output_names_are_distinct():
+  assert infer.output_names(["a/obj.png", "b/obj.jpg", "c/cube.png"]) == [
+      "obj_png", "obj_jpg", "cube"]
+  assert infer.output_names(["obj.png", "obj.PNG", "Obj.png"]) == ["obj_png", "obj_PNG-2",
+                                                                 "Obj_png-3"]
+  assert infer.output_names(["obj.png", "obj.jpg", "obj_png.gif"]) == [
+      "obj_png", "obj_jpg", "obj_png-2"]
+  assert infer.output_names(["photo"]) == ["photo"]
+
+
+def test_images_with_the_same_stem_get_their_own_folders(workspace, tmp_path, capsys):
+  root, ckpt, images = workspace
+  same = tmp_path / "same"
+  same.mkdir()
+  for ext in ("png", "jpg"):
+    (same / f"disc.{ext}").write_bytes((images / "disc.png").read_bytes())
+  out = tmp_path / "out"
+  results = infer.run(_config(), str(ckpt), str(same), str(out), deterministic=True,
+                      progress=True)
+  bars = capsys.readouterr().err
+  assert "images: 100%" in bars and "2/2" in bars and "turntable" in bars and "mesh grid" in bars
+  assert sorted(os.listdir(out)) == ["disc_jpg", "disc_png"]
+  for ext in ("png", "jpg"):
+    folder = out / f"disc_{ext}"
+    assert results[str(same / f"disc.{ext}")]["folder"] == str(folder)
+    assert sorted(os.listdir(folder)) == ["input.png", "mesh.obj", "turntable.mp4"]
+    assert results[str(same / f"disc.{ext}")]["files"] == [
+        str(folder / f) for f in ("input.png", "turntable.mp4", "mesh.obj")]
+
+
+def test_a_failed_image_leaves_no_folder_and_keeps_the_previous_one(workspace, tmp_path,
+                                                                  monkeypatch):
+  _, ckpt, images = workspace
+  out = tmp_path / "out"
+  image = str(images / "disc.png")
+  config = _config()
+  config.mesh.enabled = False
+  infer.run(config, str(ckpt), image, str(out), deterministic=True, progress=False)
+  before = (out / "disc" / "input.png").read_bytes()
+
+  def full_disk(frames, path, fps):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(infer, "write_video", full_disk)
+  results = infer.run(config, str(ckpt), image, str(tmp_path / "new"), deterministic=True,
+                      progress=False)
+  assert results[image] == {"error": "[Errno 28] No space left on device"}
+  assert os.listdir(tmp_path / "new") == []  # no half-written folder (input.png only)
+  results = infer.run(config, str(ckpt), image, str(out), deterministic=True, progress=False)
+  assert "error" in results[image]
+  assert sorted(os.listdir(out)) == ["disc"]  # the old folder is kept, no temporary left
+  assert sorted(os.listdir(out / "disc")) == ["input.png", "turntable.mp4"]
+  assert (out / "disc" / "input.png").read_bytes() == before
+
+  monkeypatch.undo()
+  config.render.enabled = False
+  infer.run(config, str(ckpt), image, str(out), deterministic=True, progress=False)
+  assert sorted(os.listdir(out / "disc")) == ["input.png"]  # a complete run replaces it
 
 
 def test_cli_end_to_end_with_overrides(workspace, tmp_path):

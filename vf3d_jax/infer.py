@@ -7,18 +7,18 @@ r"""Single image -> triplanes -> turntable video and textured mesh.
 Without ``--checkpoint`` it uses the embedded tiny demo model, without
 ``--image`` the example images, both shipped in ``examples/``; ``make demo``
 runs exactly that with ``--config configs/infer.py:demo`` (CPU-sized outputs).
-Outputs and their layout: see ``vf3d_jax/inference/pipeline.py``.
+Outputs and their layout: see ``vf3d_jax/inference/pipeline.py``. The config,
+``--image`` and ``--output`` are checked before the checkpoint is loaded; a
+mistake in any of them, or in the checkpoint, is one ``error:`` line and exit
+code 1, as is a run where some image failed (each is reported as it fails).
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 
 from vf3d_jax import cli
 from vf3d_jax.inference.pipeline import DEMO_CHECKPOINT, DEMO_IMAGES, REPO, run
-from vf3d_jax.weights.state_dict import CheckpointError
 
 _CONFIG = cli.define_config(
     "config", os.path.join(REPO, "configs", "infer.py"), "Inference config.")
@@ -34,19 +34,11 @@ _SAVE_ARRAYS = flags.DEFINE_bool("save_arrays", False, "Also write planes.npy an
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  checkpoint = _CHECKPOINT.value or DEMO_CHECKPOINT
-  image = _IMAGE.value or DEMO_IMAGES
-  try:
-    results = run(config, checkpoint, image, _OUTPUT.value, _DETERMINISTIC.value,
-                  _SAVE_ARRAYS.value, progress=True)
-  except (CheckpointError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  results = run(_CONFIG.value, _CHECKPOINT.value or DEMO_CHECKPOINT, _IMAGE.value or DEMO_IMAGES,
+                _OUTPUT.value, _DETERMINISTIC.value, _SAVE_ARRAYS.value)
   failed = [p for p, r in results.items() if "error" in r]
   if failed:
-    print(f"{len(failed)} of {len(results)} images failed", file=sys.stderr)
-    sys.exit(1)
+    raise cli.UserError(f"{len(failed)} of {len(results)} images failed")
 
 
 if __name__ == "__main__":

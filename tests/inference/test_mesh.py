@@ -143,3 +143,14 @@ def test_field_query_fn_with_a_small_decoder():
   assert len(mesh.faces) > 0
   _, rgb = reference(variables["params"], planes[None], jnp.asarray(mesh.vertices)[None])
   np.testing.assert_allclose(mesh.vertex_colors, np.clip(np.asarray(rgb[0]), 0, 1), atol=1e-5)
+
+
+def test_density_grid_progress_bar(capsys):
+  quiet = density_grid(_sphere, 8, chunk=100)  # stderr is not a terminal here: no bar
+  assert capsys.readouterr().err == ""
+  shown = density_grid(_sphere, 8, chunk=100, progress=True)
+  err = capsys.readouterr().err
+  assert "mesh grid:" in err and "/6 " in err, err  # 512 points in chunks of 100
+  np.testing.assert_array_equal(quiet, shown)
+  density_grid(_sphere, 8, chunk=100, progress=False)
+  assert capsys.readouterr().err == ""

@@ -10,7 +10,9 @@ index order, so with ``ij`` indexing vertex column 0 is x, 1 is y, 2 is z.
 A query function maps points ``[M, 3]`` float32 to ``(density [M], rgb [M,
 3])``; ``field_query_fn`` builds one from the model's parameters and planes.
 Points go through it in fixed-size chunks (the last one padded), so it is
-compiled once and memory stays bounded at any resolution.
+compiled once and memory stays bounded at any resolution. ``progress`` shows
+a bar over the grid's chunks: ``True`` always, ``False`` never, ``None`` only
+when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from vf3d_jax.models.triplane import density_rgb
 
@@ -102,7 +105,7 @@ def _grid_chunk(start: jax.Array, axis_values: jax.Array, chunk: int) -> jax.Arr
 
 
 def density_grid(query_fn: QueryFn, resolution: int = 512,
-                 chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+                 chunk: int = DEFAULT_CHUNK, progress: bool | None = None) -> np.ndarray:
   """Density on the ``resolution^3`` grid over ``[-1, 1]^3``.
 
   Args:
@@ -111,6 +114,7 @@ def density_grid(query_fn: QueryFn, resolution: int = 512,
     resolution: samples per axis (upstream: 512).
     chunk: points per call (a multiple of ``resolution^2`` keeps calls aligned
       to whole x-slabs).
+    progress: a bar over the chunks (see the module docstring).
 
   Returns:
     ``[R, R, R]`` float32, ``grid[i, j, k]`` = density at ``(x_i, y_j, z_k)``.
@@ -122,7 +126,9 @@ def density_grid(query_fn: QueryFn, resolution: int = 512,
   axis_values = jnp.asarray(grid_coordinates(resolution))
   grid = np.empty(total, np.float32)
   pending = None  # the previous chunk, copied out while the next one runs
-  for start in range(0, total, chunk):
+  starts = tqdm.trange(0, total, chunk, desc="mesh grid", unit="chunk", leave=False,
+                       disable=None if progress is None else not progress)
+  for start in starts:
     density = query_fn(_grid_chunk(jnp.int32(start), axis_values, chunk))[0]
     if density.shape != (chunk,):
       raise ValueError(f"query_fn returned density {density.shape}, expected ({chunk},)")
@@ -196,7 +202,7 @@ def mesh_from_grid(grid: np.ndarray, query_fn: QueryFn | None = None,
 
 
 def extract_mesh(query_fn: QueryFn, resolution: int = 512, threshold: float = 1.0,
-                 chunk: int = DEFAULT_CHUNK) -> Mesh:
+                 chunk: int = DEFAULT_CHUNK, progress: bool | None = None) -> Mesh:
   """``density_grid`` then ``mesh_from_grid``: the object's coloured surface.
 
   Args:
@@ -205,11 +211,12 @@ def extract_mesh(query_fn: QueryFn, resolution: int = 512, threshold: float = 1.
     resolution: grid samples per axis (upstream: 512).
     threshold: density level of the surface (upstream: 1.0).
     chunk: points per query call.
+    progress: a bar over the grid's chunks (see the module docstring).
 
   Raises:
     EmptyMeshError: nothing crosses ``threshold``.
   """
-  grid = density_grid(query_fn, resolution, chunk)
+  grid = density_grid(query_fn, resolution, chunk, progress)
   return mesh_from_grid(grid, query_fn, threshold, chunk)
 
 

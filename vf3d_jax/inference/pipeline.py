@@ -4,21 +4,31 @@ r"""The single image -> triplanes -> turntable video and textured mesh pipeline.
 command-line front of this module; notebooks call :func:`run` or
 :class:`Reconstructor` directly.
 
-For each image ``out/<image name>/`` receives ``input.png`` (the preprocessed
+For each image ``out/<name>/`` receives ``input.png`` (the preprocessed
 model input), ``turntable.mp4`` (or ``.gif``), ``mesh.obj`` (or ``.glb`` /
 ``.ply``) and, with ``--save_arrays``, ``planes.npy`` ``[3, C, H, W]`` and
-``frames.npy`` ``[views, H, W, 3]`` float32. Every file is written under a
-temporary name and renamed, so an interrupted run leaves no partial file.
+``frames.npy`` ``[views, H, W, 3]`` float32. ``<name>`` is the image's file
+name without its extension, or with it (``obj_png``, ``obj_jpg``) where two
+inputs share a stem (:func:`output_names`). Each folder is written under a
+temporary name and renamed when complete (:func:`write_folder`), so a failed
+or interrupted image leaves no folder, and a previous run's folder of the
+same name is replaced only by a complete one.
+
+Progress bars (``progress``): ``True`` always, ``False`` never, ``None`` (the
+default) only when stderr is a terminal, so logs get no redrawn bars.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import os
+import shutil
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +47,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEMO_CHECKPOINT = os.path.join(REPO, "examples", "lrm_tiny.safetensors")
 DEMO_IMAGES = os.path.join(REPO, "examples", "images")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+T = TypeVar("T")
+
+
+def no_bar(progress: bool | None) -> bool | None:
+  """tqdm's ``disable`` for ``progress`` (None: a bar only on a terminal)."""
+  return None if progress is None else not progress
 
 
 @dataclasses.dataclass
@@ -79,7 +95,7 @@ class Reconstructor:
     intrinsics = jnp.broadcast_to(jnp.asarray(cameras.DEFAULT_INTRINSICS), (r.num_views, 4))
     return c2w, intrinsics
 
-  def turntable(self, planes: jax.Array, key: jax.Array | None, progress: bool = True):
+  def turntable(self, planes: jax.Array, key: jax.Array | None, progress: bool | None = None):
     """``[V, R, R, 3]`` float32 frames; views rendered ``views_per_call`` at a time."""
     r = self.config.render
     camera_key, noise_key = (None, None) if key is None else jax.random.split(key)
@@ -87,7 +103,7 @@ class Reconstructor:
     frames = []
     step = max(1, r.views_per_call)
     for i in tqdm.trange(0, r.num_views, step, desc="turntable", unit="call",
-                         disable=not progress, leave=False):
+                         disable=no_bar(progress), leave=False):
       # Each call gets its own key so views of different calls draw different samples.
       call_key = None if noise_key is None else jax.random.fold_in(noise_key, i)
       out = self._render(self.decoder_params, planes, c2w[i:i + step], intrinsics[i:i + step],
@@ -95,12 +111,13 @@ class Reconstructor:
       frames.append(np.asarray(out["rgb"]))
     return np.clip(np.concatenate(frames), 0.0, 1.0)
 
-  def mesh(self, planes: jax.Array) -> mesh_lib.Mesh:
+  def mesh(self, planes: jax.Array, progress: bool | None = None) -> mesh_lib.Mesh:
     m = self.config.mesh
     query = mesh_lib.field_query_fn(self.params, planes)
-    return mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk)
+    return mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk, progress=progress)
 
-  def __call__(self, image_path, key: jax.Array | None, progress: bool = True) -> Reconstruction:
+  def __call__(self, image_path, key: jax.Array | None,
+               progress: bool | None = None) -> Reconstruction:
     seconds = {}
     start = time.perf_counter()
     image, _ = preprocess.preprocess_image(
@@ -124,7 +141,7 @@ class Reconstructor:
     if self.config.mesh.enabled:
       start = time.perf_counter()
       try:
-        mesh = self.mesh(planes)
+        mesh = self.mesh(planes, progress)
       except mesh_lib.EmptyMeshError as e:
         mesh_error = str(e)
       seconds["mesh"] = time.perf_counter() - start
@@ -195,48 +212,152 @@ def list_images(path: str) -> list[str]:
   return [path]
 
 
-def _validate(config) -> None:
+def output_names(paths: Sequence[str]) -> list[str]:
+  """One distinct folder name per input path, in order.
+
+  A file's name without its extension, unless another input has the same stem
+  (compared case-insensitively): then ``<stem>_<extension>`` (``obj.png``,
+  ``obj.jpg`` -> ``obj_png``, ``obj_jpg``); a name still taken gets ``-2``,
+  ``-3``, ...
+  """
+  split = [os.path.splitext(os.path.basename(os.path.normpath(p))) for p in paths]
+  stems = collections.Counter(stem.casefold() for stem, _ in split)
+  names, taken = [], set()
+  for stem, extension in split:
+    name = stem if stems[stem.casefold()] == 1 or not extension else f"{stem}_{extension[1:]}"
+    unique, n = name, 2
+    while unique.casefold() in taken:
+      unique, n = f"{name}-{n}", n + 1
+    taken.add(unique.casefold())
+    names.append(unique)
+  return names
+
+
+def check_output(output: str) -> None:
+  """Fails early when ``output`` cannot become a folder to write into.
+
+  Nothing is created: the first existing folder on the way must be writable.
+
+  Raises:
+    NotADirectoryError: ``output`` or a folder above it is a file.
+    PermissionError: that folder is not writable.
+  """
+  path = os.path.abspath(output)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    where = "" if path == os.path.abspath(output) else f" ({path})"
+    raise NotADirectoryError(f"output {output}: a file{where} is in the way of the folder")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(f"output {output}: cannot write in {path}")
+
+
+def write_folder(folder: str, write: Callable[[str], T]) -> T:
+  """Runs ``write(temp_folder)``, then renames the folder to ``folder``.
+
+  The temporary folder ``.<name>.tmp-<pid>`` sits beside ``folder``; it is
+  removed if ``write`` fails, so a failure leaves no folder behind. An
+  existing ``folder`` (a previous run's) is replaced once the new one is
+  complete.
+
+  Returns:
+    What ``write`` returned.
+  """
+  parent, name = os.path.split(os.path.abspath(folder))
+  tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+  old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    result = write(tmp)
+    if os.path.isdir(folder) and not os.path.islink(folder):
+      os.rename(folder, old)
+      os.rename(tmp, folder)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, folder)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return result
+
+
+def _positive(config, fields: Sequence[str], minimum: int = 1) -> None:
+  for field in fields:
+    section, name = field.split(".")
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+      raise ValueError(f"{field} must be a number >= {minimum}, got {value!r}")
+
+
+def validate_config(config) -> None:
+  """Checks the settings before any work, so a bad value is named as such.
+
+  Raises:
+    ValueError: the first bad field, by name.
+  """
   if config.render.format not in ("mp4", "gif"):
     raise ValueError(f"render.format must be mp4 or gif, got {config.render.format!r}")
   if config.mesh.format not in ("obj", "glb", "ply"):
     raise ValueError(f"mesh.format must be obj, glb or ply, got {config.mesh.format!r}")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+  ratio = config.preprocess.foreground_ratio
+  if not 0 < ratio <= 1:
+    raise ValueError(f"preprocess.foreground_ratio must be in (0, 1], got {ratio!r}")
+  _positive(config, ["preprocess.max_side"])
+  if config.render.enabled:
+    _positive(config, ["render.num_views", "render.resolution", "render.fps",
+                       "render.num_coarse", "render.chunk_size"])
+  if config.mesh.enabled:
+    _positive(config, ["mesh.chunk"])
+    _positive(config, ["mesh.resolution"], minimum=2)
+
+
+def _summary(result: Reconstruction) -> str:
+  t = result.seconds
+  parts = [f"{stage} {t[stage]:.2f} s" for stage in ("preprocess", "planes", "video", "mesh")
+           if stage in t]
+  if result.mesh is not None:
+    parts[-1] += f" ({len(result.mesh.vertices):,} vertices)"
+  elif result.mesh_error:
+    parts[-1] += " (empty surface: no mesh written)"
+  return ", ".join(parts) + f"; total {sum(t.values()):.2f} s"
 
 
 def run(config, checkpoint: str, image: str, output: str, deterministic: bool = False,
-        save_arrays: bool = False, progress: bool = True) -> dict[str, Any]:
+        save_arrays: bool = False, progress: bool | None = None) -> dict[str, Any]:
   """Reconstructs every image; returns ``{image path: outputs or error}``.
 
+  The config, ``image`` and ``output`` are checked before the checkpoint is
+  loaded; an image that fails is reported on stderr and skipped.
+
   Raises:
-    CheckpointError, FileNotFoundError, ValueError: before any image is processed.
+    CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError,
+    ValueError: before any image is processed.
   """
-  _validate(config)
-  arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)
+  validate_config(config)
   images = list_images(image)
+  check_output(output)
+  arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)
   reconstructor = Reconstructor(arch, params, config)
   key = jax.random.key(config.seed)
   results = {}
-  for index, path in enumerate(images):
-    name = os.path.splitext(os.path.basename(path))[0]
+  bar = tqdm.tqdm(list(zip(images, output_names(images))), desc="images", unit="image",
+                  disable=no_bar(progress))
+  for index, (path, name) in enumerate(bar):
     folder = os.path.join(output, name)
     try:
       image_key = None if deterministic else jax.random.fold_in(key, index)
       result = reconstructor(path, image_key, progress)
-      written = save_reconstruction(result, folder, config, save_arrays)
+      written = write_folder(folder, functools.partial(
+          save_reconstruction, result, config=config, save_arrays=save_arrays))
+      written = [os.path.join(folder, os.path.basename(p)) for p in written]
     except (preprocess.ImageLoadError, preprocess.EmptyForegroundError, ValueError,
             OSError) as e:
-      print(f"{path}: error: {e}", file=sys.stderr)
+      tqdm.tqdm.write(f"{path}: error: {e}", file=sys.stderr)
       results[path] = {"error": str(e)}
       continue
-    t = result.seconds
-    parts = [f"{stage} {t[stage]:.2f} s" for stage in ("preprocess", "planes", "video", "mesh")
-             if stage in t]
-    if result.mesh is not None:
-      parts[-1] += f" ({len(result.mesh.vertices):,} vertices)"
-    elif result.mesh_error:
-      parts[-1] += " (empty surface: no mesh written)"
-    print(f"{path} -> {folder}: " + ", ".join(parts) + f"; total {sum(t.values()):.2f} s")
-    results[path] = {"folder": folder, "files": written, "seconds": t,
+    tqdm.tqdm.write(f"{path} -> {folder}: {_summary(result)}", file=sys.stdout)
+    results[path] = {"folder": folder, "files": written, "seconds": result.seconds,
                      "mesh_error": result.mesh_error}
   return results
