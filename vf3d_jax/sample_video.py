@@ -6,16 +6,18 @@ r"""Samples orbit videos from prompts and/or first frames.
       --prompt "a blue cone" --prompt "a green box" --config.sample.sampler=dpm_solver_pp
 
 Each video goes to <output>/<name>/: orbit.mp4 and frame_XX.png (and, for an
-image, the preprocessed first frame as input.png). With --image, each image
-starts an orbit (an RGBA image keeps its alpha; others are matted as in
-vf3d_jax.infer); prompts pair with images in order, the last prompt repeating.
-Sampling settings live in configs/video.py's `sample` block.
+image, the preprocessed first frame as input.png); <name> is prompt_XX or the
+image's name (obj_png, obj_jpg where two images share a stem), and each folder
+is written under a temporary name and renamed when complete. With --image,
+each image starts an orbit (an RGBA image keeps its alpha; others are matted
+as in vf3d_jax.infer); prompts pair with images in order, the last prompt
+repeating. Sampling settings live in configs/video.py's `sample` block. The
+model, images, settings and --output are checked before the model loads; a
+mistake is one ``error:`` line and exit code 1.
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 
 from vf3d_jax import cli
@@ -35,12 +37,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv):
   del argv
-  try:
-    sampling.sample_to_folder(_CONFIG.value, model_path=_MODEL.value, output=_OUTPUT.value,
-                         prompts=_PROMPT.value, image=_IMAGE.value, seed=_SEED.value)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  sampling.sample_to_folder(_CONFIG.value, model_path=_MODEL.value, output=_OUTPUT.value,
+                            prompts=_PROMPT.value, image=_IMAGE.value, seed=_SEED.value)
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tm
   out = str(tmp_path / "samples")
   sample_config = video_configs.get_config("tiny")
   sample_config.sample.update(num_steps=2)
-  folders = cli.sample_to_folder(sample_config, model_path=workdir, output=out,
-                                 prompts=["a red sphere", "a cube"])
+  folders = sampling.sample_to_folder(sample_config, model_path=workdir, output=out,
+                                      prompts=["a red sphere", "a cube"])
   assert [os.path.basename(f) for f in folders] == ["prompt_00", "prompt_01"]
   assert sorted(os.listdir(folders[0])) == [f"frame_{i:02d}.png" for i in range(FRAMES)] + [
       "orbit.mp4"]
@@ -127,14 +127,120 @@ def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tm
   images.mkdir()
   Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(images / "cutout.png")
   Image.new("RGB", (24, 24), (0, 0, 255)).save(images / "photo.jpg")
-  folders = cli.sample_to_folder(sample_config, model_path=os.path.join(workdir, "export"),
-                                 output=out, prompts=["a red sphere"], image=str(images))
+  folders = sampling.sample_to_folder(sample_config, model_path=os.path.join(workdir, "export"),
+                                      output=out, prompts=["a red sphere"], image=str(images))
   assert [os.path.basename(f) for f in folders] == ["cutout", "photo"]
   first = np.asarray(Image.open(os.path.join(folders[1], "input.png")))
   assert first.shape == (SIZE, SIZE, 3) and (first[..., 2] >= 250).all()  # JPEG
+  assert (first[..., :2] < 10).all()  # blue, not white
   assert np.asarray(Image.open(os.path.join(folders[0], "input.png"))).min() == 255  # on white
   with pytest.raises(FileNotFoundError, match="not an exported video model"):
     sampling.sample_to_folder(sample_config, model_path=str(tmp_path), output=out, prompts=["x"])
+
+
+def test_first_frame_keeps_an_opaque_images_colours(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.new("RGB", (24, 20), (0, 0, 255)).save(tmp_path / "blue.png")
+  first = sampling.first_frame(str(tmp_path / "blue.png"), SIZE, 0.0)  # the default ratio
+  assert first.shape == (SIZE, SIZE, 3) and first.dtype == np.float32
+  np.testing.assert_allclose(first, np.broadcast_to([0, 0, 1], first.shape), atol=1 / 255)
+  Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+  np.testing.assert_array_equal(sampling.first_frame(str(tmp_path / "clear.png"), SIZE, 0.0), 1.0)
+
+
+def _zero_export(stage: str, directory) -> str:
+  """A tiny video model of ``stage`` with all-zero parameters, exported (no training)."""
+  spec = model_lib.spec_from_config(_config(stage, {"train": "", "eval": ""}))
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model_lib.param_shapes(spec))
+  return model_lib.save_export(str(directory / "export"), spec, params)
+
+
+@pytest.fixture(scope="session")
+def video_export(tmp_path_factory):
+  """A tiny video model with first-frame conditioning (``condition_channels > 0``)."""
+  return _zero_export("video", tmp_path_factory.mktemp("video_export"))
+
+
+def _sample_config(**sample):
+  config = video_configs.get_config("tiny")
+  config.sample.update(num_steps=1, **sample)
+  return config
+
+
+def test_sample_video_gives_images_with_one_stem_their_own_folders(video_export, tmp_path,
+                                                                   monkeypatch, capsys):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.new("RGB", (24, 24), (0, 0, 255)).save(images / "obj.png")
+  Image.new("RGB", (24, 24), (255, 0, 0)).save(images / "obj.jpg", quality=95)
+  out = tmp_path / "out"
+  folders = sampling.sample_to_folder(_sample_config(), model_path=video_export, output=str(out),
+                                      prompts=["a cube"], image=str(images), progress=True)
+  assert folders == [str(out / "obj_jpg"), str(out / "obj_png")]
+  assert sorted(os.listdir(out)) == ["obj_jpg", "obj_png"]  # no temporary folder left
+  for folder, colour in zip(folders, ([255, 0, 0], [0, 0, 255])):
+    assert sorted(os.listdir(folder)) == ["frame_00.png", "frame_01.png", "frame_02.png",
+                                          "frame_03.png", "input.png", "orbit.mp4"]
+    first = np.asarray(Image.open(os.path.join(folder, "input.png"))).astype(int)
+    assert np.abs(first - colour).max() < 10
+  captured = capsys.readouterr()
+  assert "videos: 100%" in captured.err and "2/2" in captured.err
+  assert f"obj_png: 'a cube' -> {out / 'obj_png'}" in captured.out
+
+  def full_disk(frames, path, fps):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(sampling, "write_video", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    sampling.sample_to_folder(_sample_config(), model_path=video_export, output=str(out),
+                              prompts=["a cube"], image=str(images))
+  assert sorted(os.listdir(out)) == ["obj_jpg", "obj_png"]  # the complete ones are kept
+  assert sorted(os.listdir(out / "obj_jpg"))[-1] == "orbit.mp4"
+
+
+def test_sample_video_checks_everything_before_loading_the_model(video_export, tmp_path,
+                                                                 monkeypatch):
+  image_model = _zero_export("image", tmp_path / "image")  # no first-frame conditioning
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+  monkeypatch.setattr(model_lib, "load_export", no_load)
+  out = str(tmp_path / "out")
+  sample = lambda config=None, **kw: sampling.sample_to_folder(
+      config or _sample_config(), **{"model_path": video_export, "output": out,
+                                     "prompts": ["x"], **kw})
+  with pytest.raises(FileNotFoundError, match="not an exported video model"):
+    sample(model_path=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="nope.png: no such file or folder"):
+    sample(image=str(tmp_path / "nope.png"))
+  with pytest.raises(ValueError, match="give at least one --prompt or an --image"):
+    sample(prompts=[])
+  (tmp_path / "red.png").write_bytes(b"")
+  with pytest.raises(ValueError, match="no first-frame conditioning"):
+    sample(model_path=image_model, image=str(tmp_path / "red.png"))
+  with pytest.raises(ValueError, match=r"^sample.fps must be a number >= 1, got 0$"):
+    sample(_sample_config(fps=0))
+  with pytest.raises(ValueError, match="sampler must be one of"):
+    sample(_sample_config(sampler="euler"))
+  (tmp_path / "file").write_text("")
+  with pytest.raises(NotADirectoryError, match="a file is in the way"):
+    sample(output=str(tmp_path / "file"))
+  assert not os.path.exists(out)
+
+
+def test_sample_video_cli_reports_a_bad_output_in_one_line(video_export, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  (tmp_path / "file").write_text("")
+  done = subprocess.run(
+      [sys.executable, "-m", "vf3d_jax.sample_video", "--model", video_export, "--output",
+       str(tmp_path / "file"), "--prompt", "x"], capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert (done.returncode, done.stderr) == (
+      1, f"error: output {tmp_path / 'file'}: a file is in the way of the folder\n")
 
 
 def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):

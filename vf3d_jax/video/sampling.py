@@ -22,17 +22,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+import tqdm
 
 from vf3d_jax.diffusion import guidance
 from vf3d_jax.diffusion import samplers
 from vf3d_jax.inference import preprocess
-from vf3d_jax.inference.pipeline import list_images, write_video
+from vf3d_jax.inference.pipeline import (check_output, list_images, no_bar, output_names,
+                                         write_folder, write_video)
 from vf3d_jax.video import model as model_lib
 from vf3d_jax.video.model import VideoModel
 
@@ -161,57 +163,80 @@ def first_frame(path: str, size: int, foreground_ratio: float) -> np.ndarray:
 
   ``foreground_ratio > 0`` matts (if opaque) and recentres the object to that
   fraction of the frame, as ``vf3d_jax.infer`` does; ``0`` keeps the framing
-  and only composites any alpha on white.
+  and only composites any alpha on white. Either way an image longer than
+  ``preprocess.MAX_SIDE`` is area-downscaled first.
   """
   if foreground_ratio > 0:
     return preprocess.preprocess_image(path, size=size, foreground_ratio=foreground_ratio)[0]
-  rgba = preprocess.to_rgba(preprocess.load_image(path)).astype(np.float32) / 255.0
+  rgba, _, _ = preprocess.load_rgba(path)  # float32 in [0, 1]
   rgb = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
   image = Image.fromarray((rgb * 255).round().astype(np.uint8))
   return np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255.0
 
 
 def _save_png(path: str, image: np.ndarray) -> None:
-  tmp = path + ".tmp.png"
-  Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
-  os.replace(tmp, path)
+  Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def _write_clip(folder: str, clip: np.ndarray, first: np.ndarray | None, fps: int) -> None:
+  if first is not None:
+    _save_png(os.path.join(folder, "input.png"), first)
+  for f, frame in enumerate(clip):
+    _save_png(os.path.join(folder, f"frame_{f:02d}.png"), frame)
+  write_video(clip, os.path.join(folder, "orbit.mp4"), fps)
 
 
 def sample_to_folder(config, *, model_path: str, output: str, prompts: list[str],
-                     image: str = "", seed: int = 0) -> list[str]:
-  """Samples a video per prompt (or per image) into ``output/<name>/``; returns the folders."""
-  model, params = model_lib.load_export(resolve_model_path(model_path))
-  encoders = model.load_encoders()
-  size = model.spec.resolution
+                     image: str = "", seed: int = 0, progress: bool | None = None) -> list[str]:
+  """Samples a video per prompt (or per image) into ``output/<name>/``; returns the folders.
+
+  ``<name>`` is ``prompt_XX``, or the image's name as ``vf3d_jax.infer`` names
+  it (``output_names``). The model, the images, the sampling settings and
+  ``output`` are checked before the model's parameters are loaded. Each
+  folder is written under a temporary name and renamed when complete.
+
+  Raises:
+    FileNotFoundError, NotADirectoryError, PermissionError, ValueError
+    (``CheckpointError``, ``ImageLoadError``): before anything is sampled.
+  """
+  model_dir = resolve_model_path(model_path)
+  spec = model_lib.read_spec(model_dir)
   images = list_images(image) if image else []
   if not prompts and not images:
     raise ValueError("give at least one --prompt or an --image")
+  if images and not spec.unet.condition_channels:
+    raise ValueError(f"{model_dir}: this model has no first-frame conditioning "
+                     "(condition_channels=0); sample it from prompts only")
+  options = SampleOptions.from_config(config.sample)
+  fps, batch = config.sample.fps, config.sample.batch_size
+  for name, value in (("sample.fps", fps), ("sample.batch_size", batch)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+      raise ValueError(f"{name} must be a number >= 1, got {value!r}")
+  check_output(output)
   if images:
     prompts = [prompts[min(i, len(prompts) - 1)] if prompts else "" for i in range(len(images))]
-    names = [os.path.splitext(os.path.basename(p))[0] for p in images]
-    frames = np.stack([first_frame(p, size, float(config.sample.foreground_ratio))
-                       for p in images])
+    names = output_names(images)
+    frames = np.stack([first_frame(p, spec.resolution, float(config.sample.foreground_ratio))
+                       for p in tqdm.tqdm(images, desc="first frames", unit="image",
+                                          leave=False, disable=no_bar(progress))])
   else:
     names = [f"prompt_{i:02d}" for i in range(len(prompts))]
     frames = None
-  options = SampleOptions.from_config(config.sample)
-  batch = max(1, int(config.sample.batch_size))
+  model, params = model_lib.load_export(model_dir)
+  encoders = model.load_encoders()
   folders = []
-  for start in range(0, len(prompts), batch):
-    chunk = slice(start, start + batch)
+  bar = tqdm.tqdm(total=len(prompts), desc="videos", unit="video", disable=no_bar(progress))
+  for start in range(0, len(prompts), int(batch)):
+    chunk = slice(start, start + int(batch))
     key = jax.random.fold_in(jax.random.key(seed), start)
     clips = sample_clips(model, params, encoders, prompts[chunk], key,
-                                  first_frames=None if frames is None else frames[chunk],
-                                  options=options)
-    for i, clip in enumerate(clips):
-      index = start + i
+                         first_frames=None if frames is None else frames[chunk], options=options)
+    for index, clip in enumerate(clips, start):
       folder = os.path.join(output, names[index])
-      os.makedirs(folder, exist_ok=True)
-      if frames is not None:
-        _save_png(os.path.join(folder, "input.png"), frames[index])
-      for f, frame in enumerate(clip):
-        _save_png(os.path.join(folder, f"frame_{f:02d}.png"), frame)
-      write_video(clip, os.path.join(folder, "orbit.mp4"), int(config.sample.fps))
-      logging.info("%s: %r -> %s", names[index], prompts[index], folder)
+      first = None if frames is None else frames[index]
+      write_folder(folder, functools.partial(_write_clip, clip=clip, first=first, fps=int(fps)))
+      bar.write(f"{names[index]}: {prompts[index]!r} -> {folder}", file=sys.stdout)
       folders.append(folder)
+    bar.update(len(clips))
+  bar.close()
   return folders
