@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from vf3d_jax.models.lrm import LRMArch, param_shapes
 from vf3d_jax.weights.state_dict import CheckpointError
-from vf3d_jax.weights.vfusion3d import load_checkpoint_file
+from vf3d_jax.weights.vfusion3d import arch_from_json, load_checkpoint_file
 
 ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
@@ -78,8 +78,9 @@ def load_pretrained(directory: str | os.PathLike):
   directory = os.path.abspath(os.fspath(directory))
   if not is_pretrained_dir(directory):
     raise CheckpointError(f"{directory}: not a vf3d_jax pretrained directory (no {ARCH_FILE})")
-  with open(os.path.join(directory, ARCH_FILE)) as f:
-    arch = LRMArch.from_dict(json.load(f))
+  path = os.path.join(directory, ARCH_FILE)
+  with open(path, "rb") as f:
+    arch = arch_from_json(f.read(), path)
   return arch, restore_params(directory, param_shapes(arch))
 
 

@@ -1,6 +1,7 @@
 """Checkpoints in the released layout: round trips, architecture inference, errors."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from vf3d_jax import pretrained
 from vf3d_jax.models import lrm
 from vf3d_jax.models.dinov2 import EncoderArch
 from vf3d_jax.weights import vfusion3d
-from vf3d_jax.weights.state_dict import CheckpointError, read_state_dict, write_safetensors
+from vf3d_jax.weights.state_dict import (CheckpointError, read_safetensors_metadata,
+                                         read_state_dict, write_safetensors)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -181,3 +183,81 @@ def test_convert_tool_reports_bad_input_in_one_line(tmp_path):
   assert result.stderr.strip().count("\n") == 0
   assert "not a safetensors file" in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b"\0" * 4):
+  path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+  return path
+
+
+SMALL = lrm.LRMArch(encoder=EncoderArch(width=32, depth=1, heads=4, mlp_dim=16, patch_size=8,
+                                        pos_grid=4), camera_embed_dim=16, width=32, layers=1,
+                    heads=8, mlp_dim=16, triplane_res=2, triplane_channels=4, decoder_hidden=8,
+                    input_size=32)
+
+
+def _broken_checkpoints(root):
+  """``(path, the whole error message)`` for each way a checkpoint's description can be wrong."""
+  cases = []
+  path = _raw_safetensors(root / "no_offsets.safetensors", b'{"w": {"dtype": "F32", "shape": [1]}}')
+  cases.append((path, f"{path}: corrupt safetensors header (tensor 'w' has no data_offsets "
+                      "[begin, end])"))
+  params = lrm.init_params(SMALL, jax.random.key(1))
+  state = vfusion3d.to_state_dict(params)
+  arch = SMALL.to_dict()
+  path = root / "extra_metadata.safetensors"
+  write_safetensors(state, path, metadata={vfusion3d.ARCH_METADATA_KEY: json.dumps(
+      {**arch, "colour": "red", "encoder": {**arch["encoder"], "depthh": 2}})})
+  cases.append((path, f"{path}: metadata 'vf3d_jax.arch': unknown architecture fields: colour, "
+                      "encoder.depthh"))
+  path = root / "bad_metadata.safetensors"
+  write_safetensors(state, path, metadata={vfusion3d.ARCH_METADATA_KEY: "{not json"})
+  cases.append((path, f"{path}: metadata 'vf3d_jax.arch': not valid JSON (Expecting property "
+                      "name enclosed in double quotes: line 1 column 2 (char 1))"))
+  for name, text, reason in (
+      ("not_json", "{'width': 32}", "not valid JSON (Expecting property name enclosed in double "
+       "quotes: line 1 column 2 (char 1))"),
+      ("unknown", json.dumps({**arch, "widht": 32}), "unknown architecture fields: widht"),
+      ("bad_value", json.dumps({**arch, "heads": 5}),
+       "bad architecture (transformer width 32 is not divisible by 5 heads)")):
+    directory = root / name
+    pretrained.save_pretrained(directory, SMALL, params)
+    (directory / pretrained.ARCH_FILE).write_text(text)
+    cases.append((directory, f"{directory / pretrained.ARCH_FILE}: {reason}"))
+  return cases
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoints(tmp_path_factory):
+  return _broken_checkpoints(tmp_path_factory.mktemp("broken"))
+
+
+@pytest.mark.parametrize("case", ["no_offsets", "extra_metadata", "bad_metadata", "not_json",
+                                  "unknown", "bad_value"])
+def test_broken_descriptions_are_named_in_one_line(broken_checkpoints, case):
+  path, message = next((p, m) for p, m in broken_checkpoints if p.name.split(".")[0] == case)
+  with pytest.raises(CheckpointError) as e:
+    pretrained.load_lrm(path)
+  assert str(e.value) == message
+
+
+def test_metadata_that_is_not_strings(tmp_path):
+  path = _raw_safetensors(tmp_path / "m.safetensors", json.dumps(
+      {"__metadata__": {"a": 1}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+  ).encode())
+  with pytest.raises(CheckpointError) as e:
+    read_safetensors_metadata(path)
+  assert str(e.value) == (f"{path}: corrupt safetensors header (__metadata__ is not a "
+                          "string-to-string object)")
+  with pytest.raises(CheckpointError, match="^" + str(path) + ": cannot read safetensors"):
+    pretrained.load_lrm(path)  # the safetensors reader's own message, in one line
+
+
+def test_infer_reports_broken_descriptions_in_one_line(broken_checkpoints, tmp_path):
+  for path, message in broken_checkpoints[::2]:  # a header, a metadata and an arch.json case
+    done = subprocess.run(
+        [sys.executable, "-m", "vf3d_jax.infer", "--checkpoint", str(path), "--output",
+         str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert (done.returncode, done.stderr) == (1, f"error: {message}\n")
+    assert not (tmp_path / "out").exists()

@@ -44,17 +44,32 @@ def _detect_format(path: str) -> str:
   raise CheckpointError(f"{path}: not a safetensors file or a PyTorch checkpoint")
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
-
+def _safetensors_header(path: str) -> tuple[dict, int]:
+  """The JSON header of a safetensors file, and its length in bytes."""
   with open(path, "rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
     try:
       header = json.loads(f.read(header_len))
     except ValueError as e:
       raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-  end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+  return header, header_len  # a dict: _detect_format saw its "{"
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  header, header_len = _safetensors_header(path)
+  end = 0
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+      raise CheckpointError(f"{path}: corrupt safetensors header (tensor {name!r} has no "
+                            "data_offsets [begin, end])")
+    end = max(end, offsets[1])
   if 8 + header_len + end > os.path.getsize(path):
     raise CheckpointError(f"{path}: truncated safetensors file (needs {8 + header_len + end} bytes, "
                           f"has {os.path.getsize(path)})")
@@ -120,12 +135,11 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
   path = os.fspath(path)
   if _detect_format(path) != "safetensors":
     return {}
-  with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    try:
-      return dict(json.loads(f.read(header_len)).get("__metadata__") or {})
-    except ValueError as e:
-      raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+  metadata = _safetensors_header(path)[0].get("__metadata__") or {}
+  if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a "
+                          "string-to-string object)")
+  return dict(metadata)
 
 
 def write_safetensors(state: dict[str, np.ndarray], path: str | os.PathLike,

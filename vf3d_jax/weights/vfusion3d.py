@@ -145,6 +145,30 @@ def to_state_dict(params) -> dict[str, np.ndarray]:
   return state_dict_from_params(params, TABLE)
 
 
+def arch_from_json(text: str | bytes, source: str) -> LRMArch:
+  """The ``LRMArch`` a JSON text describes (an ``arch.json``, or our safetensors metadata).
+
+  Raises:
+    CheckpointError: not JSON, unknown fields, or values ``LRMArch`` rejects;
+      the message starts with ``source``.
+  """
+  try:
+    fields = json.loads(text)
+  except ValueError as e:
+    raise CheckpointError(f"{source}: not valid JSON ({e})") from None
+  if not isinstance(fields, dict) or not isinstance(fields.get("encoder", {}), dict):
+    raise CheckpointError(f"{source}: expected a JSON object of architecture fields")
+  unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LRMArch)}) + sorted(
+      f"encoder.{k}" for k in set(fields.get("encoder", {})) - {
+          f.name for f in dataclasses.fields(EncoderArch)})
+  if unknown:
+    raise CheckpointError(f"{source}: unknown architecture fields: {', '.join(unknown)}")
+  try:
+    return LRMArch.from_dict(fields)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{source}: bad architecture ({' '.join(str(e).split())})") from None
+
+
 def save_checkpoint_file(path, arch: LRMArch, params) -> None:
   """Writes ``params`` as safetensors in the released layout, with ``arch`` as metadata."""
   write_safetensors(to_state_dict(params), path,
@@ -160,7 +184,7 @@ def load_checkpoint_file(path, **arch_overrides):
   state = read_state_dict(path)
   stored = read_safetensors_metadata(path).get(ARCH_METADATA_KEY)
   if stored:
-    arch = LRMArch.from_dict(json.loads(stored))
+    arch = arch_from_json(stored, f"{path}: metadata {ARCH_METADATA_KEY!r}")
     if arch_overrides:
       enc = {"heads": arch_overrides.pop("encoder_heads", arch.encoder.heads),
              "pos_resize": arch_overrides.pop("pos_resize", arch.encoder.pos_resize)}
