@@ -84,13 +84,11 @@ def main(argv):
                                      image_scale=image_scale, text_scale=text_scale,
                                      guidance_rescale=_RESCALE.value,
                                      replace_first_frame=_REPLACE.value)
-    samples = []
-    for start in range(0, len(prompts), _BATCH.value):
-      part = slice(start, start + _BATCH.value)
-      samples.append(sampling.sample_clips(
-          model, params, encoders, prompts[part], jax.random.fold_in(
-              jax.random.key(_SEED.value), start), first_frames=truth[part, 0], options=options))
-    samples = np.concatenate(samples)
+    # A bar over the clips when stderr is a terminal (none in logs).
+    samples = np.concatenate([clips for _, clips in sampling.sample_batches(
+        model, params, encoders, prompts, seed=_SEED.value, batch_size=_BATCH.value,
+        first_frames=truth[:, 0], options=options,
+        desc=f"image_scale {image_scale:g}, text_scale {text_scale:g}")])
     scores = video_trainer.consistency_scores(samples, truth)
     gain, distinct = video_trainer.direction_frames(samples, truth)
     boot = [(video_trainer.direction_accuracy(gain[i], distinct[i]), gain[i].mean())

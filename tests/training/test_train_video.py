@@ -17,6 +17,7 @@ from vf3d_jax.video import model as model_lib
 from vf3d_jax.weights.rules import flat
 
 FRAMES, SIZE = 4, 16
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # Session scope: xdist may interleave other modules' tests, which would tear a
@@ -237,10 +238,37 @@ def test_sample_video_cli_reports_a_bad_output_in_one_line(video_export, tmp_pat
   done = subprocess.run(
       [sys.executable, "-m", "vf3d_jax.sample_video", "--model", video_export, "--output",
        str(tmp_path / "file"), "--prompt", "x"], capture_output=True, text=True, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert (done.returncode, done.stderr) == (
       1, f"error: output {tmp_path / 'file'}: a file is in the way of the folder\n")
+
+
+def test_eval_video_shows_its_progress_on_a_terminal(records, video_export, tmp_path):
+  import fcntl, pty, struct, subprocess, sys, termios  # pylint: disable=g-import-not-at-top
+  terminal, child_end = pty.openpty()
+  # A 24 x 100 terminal (a new pty has 0 columns, where tqdm draws nothing).
+  fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+  process = subprocess.Popen(
+      [sys.executable, "-m", "tools.eval_video", "--model", video_export, "--data",
+       records["eval"], "--num_videos", "2", "--steps", "1", "--batch", "1"],
+      stdout=subprocess.PIPE, stderr=child_end, cwd=REPO, env=dict(os.environ,
+                                                                   JAX_PLATFORMS="cpu"))
+  os.close(child_end)
+  shown = b""
+  while True:
+    try:
+      data = os.read(terminal, 4096)
+    except OSError:  # EIO: the process has closed the terminal
+      break
+    if not data:
+      break
+    shown += data
+  os.close(terminal)
+  stdout = process.communicate(timeout=300)[0].decode()
+  assert process.returncode == 0, shown.decode(errors="replace")[-2000:]
+  shown = shown.decode(errors="replace")
+  assert "image_scale 2, text_scale 5: 100%" in shown and "2/2" in shown, shown[-2000:]
+  assert '"image_scale": 2.0' in stdout  # the scores still go to stdout
 
 
 def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):

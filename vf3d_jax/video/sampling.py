@@ -146,6 +146,34 @@ def sample_clips(model: VideoModel, params, encoders, prompts, key, *, first_fra
   return np.asarray(out)
 
 
+def sample_batches(model: VideoModel, params, encoders, prompts, *, seed: int, batch_size: int,
+                   first_frames=None, options: SampleOptions = SampleOptions(),
+                   progress: bool | None = None, desc: str = "videos"):
+  """``sample_clips`` over many prompts, ``batch_size`` at a time, with a progress bar.
+
+  Args:
+    model, params, encoders, prompts, first_frames, options: as for
+      ``sample_clips`` (``first_frames`` for all prompts, or None).
+    seed: batch ``start`` samples with ``fold_in(key(seed), start)``.
+    batch_size: clips per call.
+    progress: a bar over the clips (True, False, or None: only on a terminal).
+    desc: the bar's label.
+
+  Yields:
+    ``(start, clips [b, F, R, R, 3])`` for each batch, in order.
+  """
+  prompts = list(prompts)
+  with tqdm.tqdm(total=len(prompts), desc=desc, unit="video", disable=no_bar(progress)) as bar:
+    for start in range(0, len(prompts), batch_size):
+      part = slice(start, start + batch_size)
+      clips = sample_clips(model, params, encoders, prompts[part],
+                           jax.random.fold_in(jax.random.key(seed), start),
+                           first_frames=None if first_frames is None else first_frames[part],
+                           options=options)
+      yield start, clips
+      bar.update(len(clips))
+
+
 # `python -m vf3d_jax.sample_video` as a library function (tests and notebooks call it).
 def resolve_model_path(path: str) -> str:
   """An export directory, or a training workdir holding one."""
@@ -225,18 +253,13 @@ def sample_to_folder(config, *, model_path: str, output: str, prompts: list[str]
   model, params = model_lib.load_export(model_dir)
   encoders = model.load_encoders()
   folders = []
-  bar = tqdm.tqdm(total=len(prompts), desc="videos", unit="video", disable=no_bar(progress))
-  for start in range(0, len(prompts), int(batch)):
-    chunk = slice(start, start + int(batch))
-    key = jax.random.fold_in(jax.random.key(seed), start)
-    clips = sample_clips(model, params, encoders, prompts[chunk], key,
-                         first_frames=None if frames is None else frames[chunk], options=options)
+  for start, clips in sample_batches(model, params, encoders, prompts, seed=seed,
+                                     batch_size=int(batch), first_frames=frames, options=options,
+                                     progress=progress):
     for index, clip in enumerate(clips, start):
       folder = os.path.join(output, names[index])
       first = None if frames is None else frames[index]
       write_folder(folder, functools.partial(_write_clip, clip=clip, first=first, fps=int(fps)))
-      bar.write(f"{names[index]}: {prompts[index]!r} -> {folder}", file=sys.stdout)
+      tqdm.tqdm.write(f"{names[index]}: {prompts[index]!r} -> {folder}", file=sys.stdout)
       folders.append(folder)
-    bar.update(len(clips))
-  bar.close()
   return folders
