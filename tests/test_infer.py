@@ -15,6 +15,7 @@ import trimesh
 from configs import infer as infer_configs
 from configs import lrm as lrm_configs
 from vf3d_jax.inference import pipeline as infer
+from vf3d_jax.inference.preprocess import ImageLoadError, load_image
 from vf3d_jax.models import lrm
 from vf3d_jax.weights import vfusion3d
 from vf3d_jax.weights.state_dict import write_safetensors
@@ -245,14 +246,22 @@ def test_a_failed_image_leaves_no_folder_and_keeps_the_previous_one(workspace, t
 def test_cli_end_to_end_with_overrides(workspace, tmp_path):
   _, ckpt, images = workspace
   out = tmp_path / "cli"
+  two = tmp_path / "two"  # a good image and a broken one
+  two.mkdir()
+  for name in ("disc.png", "broken.png"):
+    (two / name).write_bytes((images / name).read_bytes())
+  with pytest.raises(ImageLoadError) as unreadable:
+    load_image(two / "broken.png")
   result = subprocess.run(
       [sys.executable, "-m", "vf3d_jax.infer", "--config", "configs/infer.py:demo",
        "--config.render.num_views=3", "--config.render.resolution=16",
        "--config.render.format=gif", "--config.mesh.resolution=16", "--config.mesh.format=ply",
-       "--checkpoint", str(ckpt), "--image", str(images / "disc.png"), "--output", str(out)],
+       "--checkpoint", str(ckpt), "--image", str(two), "--output", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert (result.returncode, result.stderr) == (
+      1, f"{two / 'broken.png'}: error: {unreadable.value}\nerror: 1 of 2 images failed\n")
   assert "preprocess" in result.stdout and "total" in result.stdout
+  assert sorted(os.listdir(out)) == ["disc"]
   assert sorted(os.listdir(out / "disc")) == ["input.png", "mesh.ply", "turntable.gif"]
   typo = subprocess.run(
       [sys.executable, "-m", "vf3d_jax.infer", "--config.render.num_veiws=3"],
