@@ -271,8 +271,13 @@ def write_folder(folder: str, write: Callable[[str], T]) -> T:
   try:
     result = write(tmp)
     if os.path.isdir(folder) and not os.path.islink(folder):
+      shutil.rmtree(old, ignore_errors=True)
       os.rename(folder, old)
-      os.rename(tmp, folder)
+      try:
+        os.rename(tmp, folder)
+      except OSError:
+        os.rename(old, folder)  # put the previous folder back
+        raise
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, folder)

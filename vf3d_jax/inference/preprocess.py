@@ -574,5 +574,6 @@ def preprocess_image(image: ImageInput, size: int = 512,
   except EmptyForegroundError as e:
     raise EmptyForegroundError(f"{source}: {e}") from e
   result = resize_to_model_input(composite_on_white(canvas), size)
-  info.update(input_size=input_size, working_size=rgba.shape[:2], alpha_source=alpha_source, alpha=rgba[..., 3])
+  info.update(input_size=input_size, working_size=rgba.shape[:2], alpha_source=alpha_source,
+              alpha=rgba[..., 3])
   return result, info
