@@ -66,7 +66,7 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   t.stages = STAGES[arg]  # ((steps, render_resolution, crop_size, num_coarse, num_fine), ...)
   t.batch_size = 4 if tiny else 16  # objects per step, all devices together
   t.num_views = 4  # supervision views per object
-  t.lr = 1e-3 if tiny else 4e-4
+  t.lr = 3e-3 if tiny else 4e-4
   t.warmup_steps = 30 if tiny else 3000
   t.final_lr_fraction = 0.1
   t.b1 = 0.9
@@ -106,6 +106,7 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   d.num_workers = 0  # Grain worker processes (0: in the main process)
   d.background = "white"  # "white" or "random" (colour augmentation)
   d.strict = False  # bad records: skip with a warning (False) or fail (True)
+  d.source_view = -1  # input view: -1 a random view of each record, k always view k
 
   e = config.eval = ml_collections.ConfigDict()
   e.num_objects = 8

@@ -118,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.include_source_view = True
   # Source drawn from the orbit views only (else from all views).
   config.source_from_orbit = False
+  # A fixed source view index (e.g. 0, the first orbit view, as a data engine's
+  # first frame); -1 draws it at random as above.
+  config.source_view = -1
   # Required view count of a record (0: any count large enough).
   config.expected_views = 0
   # Image sizes.
@@ -239,6 +242,7 @@ class MakeExample(_ExampleMaker):
     self.num_render_views = int(config.num_render_views)
     self.include_source_view = bool(config.include_source_view)
     self.source_from_orbit = bool(config.source_from_orbit)
+    self.source_view = int(config.source_view)
     self.expected_views = int(config.expected_views)
     self.input_resolution = int(config.input_resolution)
     self.render_resolution = int(config.render_resolution)
@@ -262,7 +266,7 @@ class MakeExample(_ExampleMaker):
           f"{record.num_views} views, expected {self.expected_views}")
     candidates = record.num_orbit_views if self.source_from_orbit else None
     source, render = views.select_views(rng, record.num_views, self.num_render_views,
-                                        self.include_source_view, candidates)
+                                        self.include_source_view, candidates, self.source_view)
     background = np.ones(3, np.float32)
     if self.background == "random" and rng.uniform() < self.random_background_prob:
       background = rng.uniform(size=3).astype(np.float32)

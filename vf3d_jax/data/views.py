@@ -70,7 +70,8 @@ def canonicalize_cameras(c2w: np.ndarray, source_index: int,
 
 
 def select_views(rng: np.random.Generator, num_views: int, num_render_views: int,
-                 include_source: bool = True, num_source_candidates: int | None = None):
+                 include_source: bool = True, num_source_candidates: int | None = None,
+                 source: int = -1):
   """Chooses the source view and the supervision views.
 
   Args:
@@ -81,6 +82,7 @@ def select_views(rng: np.random.Generator, num_views: int, num_render_views: int
       are distinct other views; otherwise all ``N`` differ from the source.
     num_source_candidates: the source is drawn from the first this many views
       (e.g. the orbit); all views when ``None`` or 0.
+    source: a fixed source view index; ``-1`` draws it as above.
 
   Returns:
     ``(source_index, render_indices [N] int)``.
@@ -91,8 +93,11 @@ def select_views(rng: np.random.Generator, num_views: int, num_render_views: int
   needed = num_render_views + (0 if include_source else 1)
   if num_views < max(needed, 1):
     raise ValueError(f"{num_views} views, need {needed}")
-  candidates = num_source_candidates or num_views
-  source = int(rng.integers(min(candidates, num_views)))
+  if source >= num_views:
+    raise ValueError(f"source view {source} of a record with {num_views} views")
+  if source < 0:
+    candidates = num_source_candidates or num_views
+    source = int(rng.integers(min(candidates, num_views)))
   others = np.array([v for v in range(num_views) if v != source])
   if include_source:
     chosen = rng.choice(others, size=num_render_views - 1, replace=False) if num_render_views > 1 \

@@ -140,6 +140,10 @@ class Upsampler(nn.Module):
   With kernel equal to stride the output pixels do not overlap, so it is one
   matmul to ``2 * 2 * C_out`` channels followed by depth-to-space:
   ``out[2h + a, 2w + b, o] = bias[o] + sum_c x[h, w, c] * kernel[c, a, b, o]``.
+
+  The kernel starts with variance ``1 / C_in`` (LeCun): each output pixel sums
+  ``C_in`` LayerNormed inputs, so fresh planes have unit variance, the scale the
+  field decoder's initialisation is made for (PyTorch's default gives 0.3 here).
   """
 
   features: int  # output channels
@@ -149,7 +153,9 @@ class Upsampler(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[..., H, W, C_in]`` -> ``[..., 2H, 2W, features]`` float32."""
     c_in = x.shape[-1]
-    kernel = self.param("kernel", layers.torch_linear_init, (c_in, 2, 2, self.features))
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                            out_axis=(1, 2, 3))
+    kernel = self.param("kernel", init, (c_in, 2, 2, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     y = jnp.dot(x.astype(self.dtype), kernel.reshape(c_in, -1).astype(self.dtype),
                 preferred_element_type=jnp.float32)

@@ -184,18 +184,30 @@ class _LinearParams(nn.Module):
 
   in_dim: int  # input features
   out_dim: int  # output features
+  gain: float  # kernel variance is gain / in_dim
 
   @nn.compact
   def __call__(self):
-    # PyTorch's nn.Linear initialisation, so fresh models behave alike.
-    bound = 1.0 / self.in_dim ** 0.5
-    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    init = nn.initializers.variance_scaling(self.gain, "fan_in", "truncated_normal")
     return {"kernel": self.param("kernel", init, (self.in_dim, self.out_dim)),
-            "bias": self.param("bias", init, (self.out_dim,))}
+            "bias": self.param("bias", nn.initializers.zeros, (self.out_dim,))}
 
 
 class TriplaneDecoder(nn.Module):
-  """The decoder MLP, its layers named after the released ``net.{i}``."""
+  """The decoder MLP, its layers named after the released ``net.{i}``.
+
+  Initialisation (it matters only when training from scratch; released weights
+  replace it): He-normal kernels before each ReLU, LeCun-normal for the output
+  layer, zero biases, so a unit-variance feature keeps unit variance through
+  the hidden layers. PyTorch's default ``nn.Linear`` initialisation (variance
+  ``1 / (3 fan_in)``, uniform biases) shrinks the signal about 2.4x per ReLU
+  layer: with it, the raw density of a fresh tiny decoder (48 -> 32 -> 32 -> 32
+  -> 4) varies by 0.024 over unit-variance random features (0.55 with this
+  initialisation) and its gradient with respect to the features is 25x smaller
+  (norm 0.034 against 0.86). The field then ignores the planes, and every
+  parameter upstream of them learns that much slower until the decoder has
+  grown (``tests/training/test_memorisation.py``).
+  """
 
   hidden: int = 64  # width of the hidden layers
   layers: int = 4  # number of Dense layers (released: 4)
@@ -207,6 +219,9 @@ class TriplaneDecoder(nn.Module):
     in_dim = features.shape[-1]
     for i in range(self.layers):
       out_dim = self.out if i == self.layers - 1 else self.hidden
-      params[f"net_{2 * i}"] = _LinearParams(in_dim, out_dim, name=f"net_{2 * i}")()
+      # He initialisation before each ReLU, LeCun for the output, zero biases: the field
+      # starts as a function of the planes (see the class docstring).
+      gain = 1.0 if i == self.layers - 1 else 2.0
+      params[f"net_{2 * i}"] = _LinearParams(in_dim, out_dim, gain, name=f"net_{2 * i}")()
       in_dim = out_dim
     return decode_features(params, features)

@@ -50,6 +50,7 @@ def _pipeline_config(data_config, spec: str, *, batch_size, num_views, input_siz
   config.crop_size = crop_size
   config.background = data_config.background
   config.strict = data_config.strict
+  config.source_view = data_config.source_view
   return config
 
 
