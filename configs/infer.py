@@ -4,7 +4,8 @@ Variants:
 
 * ``vfusion3d`` (default): the released pipeline's settings: 160-view 384x384
   turntable at 40 fps on a radius-1.5 orbit, 64 + 64 samples a ray, 512^3 mesh
-  grid at density 1.0, float32, renderer in "compatible" mode.
+  grid at density 1.0, float32 (matmuls at "highest" precision), renderer in
+  "compatible" mode.
 * ``fast``: the same outputs with bfloat16 model compute, bfloat16 planes and
   decoder matmuls in the renderer (GPU/TPU).
 * ``demo``: small sizes for a CPU: 40 views at 128x128, 128^3 mesh grid; the
@@ -23,6 +24,10 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = arg
   c.seed = 0  # randomness of the renderer's samples and the orbit's angle offset
+  # Matmul precision: "highest" keeps float32 matmuls float32 on GPUs (no TF32) and TPUs (no
+  # bfloat16 passes), as the parity with PyTorch assumes; "default" (the fast variant) lets
+  # them trade accuracy for speed.
+  c.precision = "default" if arg == "fast" else "highest"
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # LRM compute dtype: float32 or bfloat16

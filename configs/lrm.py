@@ -57,6 +57,9 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   config.variant = arg
   config.model = _arch() if arg == "vfusion3d" else VARIANTS[arg]
   config.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+  # Matmul precision: "highest" keeps float32 matmuls float32 on GPUs (no TF32) and TPUs (no
+  # bfloat16 passes); "default" lets them trade accuracy for speed. CPUs compute float32 anyway.
+  config.precision = "highest"
   config.attention_impl = ""  # "" (XLA), "xla" or "cudnn"
   config.seed = 0
   config.num_devices = 0  # 0: all devices, on one "data" mesh axis
@@ -103,7 +106,9 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   # Record shards written by tools.render_orbits: "path[:weight],path[:weight]".
   d.train = ""
   d.eval = ""  # held-out shards, scored every train.eval_every steps
-  d.num_workers = 0  # Grain worker processes (0: in the main process)
+  # Grain worker processes (0: in the main process); the full-size models' 512^2 views decode
+  # in workers while the accelerator steps; the tiny CPU run has no cores to spare.
+  d.num_workers = 0 if tiny else 4
   d.background = "white"  # "white" or "random" (colour augmentation)
   d.strict = False  # bad records: skip with a warning (False) or fail (True)
   d.source_view = -1  # input view: -1 a random view of each record, k always view k

@@ -65,6 +65,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.seed = 0
   # Compute dtype of the UNet ("float32" or "bfloat16"); parameters stay float32.
   config.dtype = "float32"
+  # Matmul precision of training: "highest" keeps float32 matmuls float32 on GPUs (no TF32) and
+  # TPUs (no bfloat16 passes); "default" lets them trade accuracy for speed.
+  config.precision = "highest"
   # Devices of the data-parallel mesh (0: all).
   config.num_devices = 0
   config.model = _unet()
@@ -188,6 +191,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     t.batch_size = 8
     t.remat = True
     config.dtype = "bfloat16"
+    config.precision = "default"  # the bfloat16 path: no float32 matmuls to keep exact
   else:
     raise ValueError(f"unknown video config {arg!r}: tiny_image, tiny or sd15")
   return config

@@ -12,6 +12,15 @@ non-zero exit code, before any logging:
   ``exit_code``.
 
 Anything else is a bug and keeps its traceback.
+
+Every job also takes ``--distributed``: it starts JAX's distributed runtime
+before ``main`` (``jax.distributed.initialize``) for a run over several
+processes or hosts, from ``--coordinator_address``, ``--num_processes`` and
+``--process_id``, or, without them, from a cluster environment JAX detects
+(Slurm, Open MPI, Cloud TPU, Kubernetes). Jobs started with
+``run(main, multiprocess=True)`` (the trainers) run ``main`` on every process;
+only process 0 logs below warnings. Any other job runs on process 0 alone,
+which writes its outputs once; the others wait for it and exit with its code.
 """
 
 from __future__ import annotations
@@ -26,6 +35,21 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Start JAX's distributed runtime first (a run over several processes or hosts): from "
+    "--coordinator_address, --num_processes and --process_id, or without them from the "
+    "cluster environment JAX detects (Slurm, Open MPI, Cloud TPU, Kubernetes).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "With --distributed: host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "With --distributed: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "With --distributed: this process' index, 0 to N - 1.")
+# Process 0 of a job it runs alone publishes its exit code here for the others.
+_EXIT_KEY = "vf3d_jax/exit_code"
+_WAIT_MS = 7 * 24 * 3600 * 1000
 
 
 class UserError(Exception):
@@ -110,23 +134,78 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     fail(f"cannot load the config: {one_line(e)}", 2)
 
 
+def start_distributed() -> bool:
+  """Starts JAX's distributed runtime when ``--distributed`` asks; returns whether it did."""
+  given = [f"--{flag.name}" for flag in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+           if flag.value is not None]
+  if not _DISTRIBUTED.value:
+    if given:
+      fail(f"{', '.join(given)} need --distributed", 2)
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  except (RuntimeError, ValueError) as e:
+    fail(f"--distributed: {one_line(e)}", 1)
+  if jax.process_index() > 0:  # only process 0 logs below warnings
+    logging.get_absl_handler().addFilter(WarningsOnly())
+  return True
+
+
+def _client():
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
 def run(main: Callable[[list[str]], None],
-        errors: tuple[type[BaseException], ...] = ()) -> None:
-  """``absl.app.run(main)`` with one-line user errors (see the module docstring)."""
+        errors: tuple[type[BaseException], ...] = (), multiprocess: bool = False) -> None:
+  """``absl.app.run(main)`` with one-line user errors (see the module docstring).
+
+  Args:
+    main: the job.
+    errors: exception types that name a user's mistake, besides USER_ERRORS.
+    multiprocess: with ``--distributed``, run ``main`` on every process (a
+      job whose computations span all processes' devices); otherwise process
+      0 runs it alone and the others wait for its exit code.
+  """
   user_errors = USER_ERRORS + tuple(errors)
 
   def guarded(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     logging.get_absl_handler().addFilter(QuietLibraries())
+    alone = start_distributed() and not multiprocess
+    if alone:
+      import jax  # pylint: disable=g-import-not-at-top
+      if jax.process_index() > 0:
+        sys.exit(int(_client().blocking_key_value_get(_EXIT_KEY, _WAIT_MS)))
+    code = 1
     try:
-      return main(argv)
+      result = main(argv)
+      code = 0
+      return result
     except app.UsageError as e:
+      code = 2
       fail(one_line(e), 2)
     except user_errors as e:
-      fail(one_line(e), getattr(e, "exit_code", 1))
+      code = getattr(e, "exit_code", 1)
+      fail(one_line(e), code)
+    except SystemExit as e:  # the job's own exit code
+      code = e.code if isinstance(e.code, int) else int(e.code is not None)
+      raise
+    finally:
+      if alone:
+        _client().key_value_set(_EXIT_KEY, str(code))
 
   app.run(guarded, flags_parser=_parse_flags)
+
+
+class WarningsOnly(pylogging.Filter):
+  """Drops log records below warnings (the processes other than 0)."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING
 
 
 class QuietLibraries(pylogging.Filter):

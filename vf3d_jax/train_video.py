@@ -7,14 +7,15 @@ r"""Trains the multi-view video model: the image UNet, then its temporal adapter
       --config.init.unet=runs/image/export
 
 Re-running the same command resumes from the latest checkpoint in --workdir; a
-finished run leaves its model in <workdir>/export. See configs/video.py for
-every setting and vf3d_jax/training/video_trainer.py for the loop.
+finished run leaves its model in <workdir>/export. A different config is
+refused unless --resume says what to do with it (``extend``: a larger
+train.steps whose added steps run at the schedule's final learning rate;
+``change``: take the new config). See configs/video.py for every setting and
+vf3d_jax/training/video_trainer.py for the loop.
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -28,17 +29,14 @@ _CONFIG = cli.define_config(
                            "configs", "video.py:tiny"), "Video model config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, samples and the export.",
                                required=True)
+_RESUME = flags.DEFINE_enum("resume", "check", loop.RESUME_MODES, loop.RESUME_HELP)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  try:
-    video_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (loop.TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  video_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, errors=(loop.TrainingDiverged, CheckpointError), multiprocess=True)

@@ -70,7 +70,25 @@ def test_image_stage_trains_exports_and_writes_samples(image_run):
   assert not model.spec.unet.motion_modules
 
 
-def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tmp_path):
+class _StopAfter:
+  """Stands for ``loop.Preemption``: a SIGTERM arriving during step ``step``."""
+
+  def __init__(self, step: int):
+    self.step, self.requested = step, False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+  def reached(self, step: int) -> bool:
+    self.requested = step >= self.step
+    return self.requested
+
+
+def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tmp_path,
+                                                          monkeypatch):
   config = _config("video", records)
   config.init.unet = os.path.join(image_run, "export")
   model = model_lib.VideoModel(model_lib.spec_from_config(config))
@@ -80,9 +98,10 @@ def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tm
   workdir = str(tmp_path / "video")
   config.train.sample_every = 0  # sampling is covered by the image stage and the CLI below
   config.train.ema_decay = 0.9  # the export is the adapters' moving average
-  config.train.steps = 1
-  video_trainer.train_and_evaluate(config, workdir)  # stops after step 1
-  config.train.steps = 2
+  with monkeypatch.context() as patch:
+    patch.setattr(video_trainer.loop, "Preemption", lambda: _StopAfter(1))
+    video_trainer.train_and_evaluate(config, workdir)  # saves step 1 and stops
+  assert not os.path.exists(os.path.join(workdir, "export"))
   state = video_trainer.train_and_evaluate(config, workdir)  # resumes from step 1
   steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))
            if "loss" in json.loads(l)]

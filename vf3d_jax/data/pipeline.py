@@ -1,12 +1,14 @@
 """The Grain training loader over multi-view records.
 
 Pipeline, per dataset (a folder of shards, see ``find_shards``): ArrayRecord
-source (records tagged with their dataset) -> shuffle(seed) -> repeat -> this
-process' shard (every ``shard_count``-th element); then the datasets are
-mixed with their weights, and each element is decoded, checked, given a source
-view and ``N`` supervision views, its cameras normalised so the source camera
-is the model's canonical one, composited on a background, resized and
-cropped; bad records are dropped; then batches, built in worker processes.
+source (records tagged with their dataset) -> shuffle(seed) -> repeat; then
+the datasets are mixed with their weights, and each element is decoded,
+checked, given a source view and ``N`` supervision views, its cameras
+normalised so the source camera is the model's canonical one, composited on a
+background, resized and cropped; this process' shard (its ``batch_size``
+elements of every ``shard_count * batch_size``, so the processes' batches side
+by side are one process' batches of the same stream); bad records are dropped;
+then batches, built in worker processes.
 
 It is deterministic for a seed and a worker count, and the iterator's state
 (``get_state()`` / ``set_state()``) restores it mid-epoch.
@@ -394,14 +396,35 @@ def make_map_dataset(config: ml_collections.ConfigDict) -> grain.MapDataset:
     dataset = dataset.map_with_index(_Tag(dataset_index))
     dataset = dataset.shuffle(seed=int(config.seed) * 1009 + dataset_index)
     dataset = dataset.repeat(int(config.num_epochs) or None)
-    dataset = dataset[shard_index::shard_count]
     parts.append(dataset)
     weights.append(float(entry.get("weight", 1.0)))
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   if config.example not in _EXAMPLES:
     raise ValueError(f"example must be one of {sorted(_EXAMPLES)}, got {config.example!r}")
   make = _EXAMPLES[config.example](config)
-  return mixed.random_map(make, seed=int(config.seed)).filter(_is_example)
+  dataset = mixed.random_map(make, seed=int(config.seed))  # randomness by global index
+  if shard_count > 1:
+    dataset = _BlockShard(dataset, int(config.batch_size), shard_index, shard_count)
+  return dataset.filter(_is_example)
+
+
+class _BlockShard(grain.MapDataset):
+  """Process ``index`` of ``count``: its ``block`` elements of every ``count * block``."""
+
+  def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+    super().__init__(parent)
+    self._block, self._index, self._count = block, index, count
+    rounds, rest = divmod(len(parent), block * count)
+    self._length = rounds * block + min(max(rest - index * block, 0), block)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    rounds, offset = divmod(index, self._block)
+    return self._parent[(rounds * self._count + self._index) * self._block + offset]
 
 
 def make_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:

@@ -341,6 +341,11 @@ def run(config, checkpoint: str, image: str, output: str, deterministic: bool = 
     ValueError: before any image is processed.
   """
   validate_config(config)
+  with jax.default_matmul_precision(config.get("precision", "highest")):  # float32 is float32
+    return _run(config, checkpoint, image, output, deterministic, save_arrays, progress)
+
+
+def _run(config, checkpoint, image, output, deterministic, save_arrays, progress):
   images = list_images(image)
   check_output(output)
   arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)

@@ -35,6 +35,16 @@ def parse_datasets(spec: str) -> list[dict]:
   return out
 
 
+def check_datasets(spec: str, field: str = "data.train") -> None:
+  """Raises before a run starts when ``spec`` names no dataset or a folder without shards."""
+  if not spec.strip():
+    raise ValueError(f"{field} is empty: give record folders as 'path[:weight],...' "
+                     "(make them with `python -m tools.render_orbits`)")
+  for dataset in parse_datasets(spec):
+    if not pipeline.find_shards(dataset["path"]):
+      raise FileNotFoundError(f"{field}: no ArrayRecord shards at {dataset['path']!r}")
+
+
 def _pipeline_config(data_config, spec: str, *, batch_size, num_views, input_size,
                      render_resolution, crop_size, seed, shard_index, shard_count):
   config = pipeline.default_config()

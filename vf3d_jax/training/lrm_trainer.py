@@ -20,9 +20,12 @@ The recipe lives in the config:
   from a checkpoint (ours or the released weights) for fine-tuning.
 
 Checkpoints (Orbax, in ``workdir/checkpoints``) hold the train state, the data
-iterator's state and the stage; the job resumes from the latest one, saves
-every ``train.checkpoint_every`` steps and when it receives SIGTERM, and stops
-with a clear message when the loss stops being finite.
+iterator's state, the stage and the run's config and learning-rate schedule;
+the job resumes from the latest one (refusing a changed config unless told
+how, see ``loop.resolve_resume``), saves every ``train.checkpoint_every``
+steps and when it receives SIGTERM, and stops with a clear message when the
+loss or the state stops being finite. ``workdir/config_history.jsonl`` records
+every start with its provenance.
 """
 
 from __future__ import annotations
@@ -229,35 +232,67 @@ def model_from_config(config) -> tuple[LRMArch, LRM]:
                    attention_impl=config.attention_impl or None, remat=config.train.remat)
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Trains (or resumes training) in ``workdir``; returns the final state."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+def validate(config) -> list[Stage]:
+  """Raises for a config or data that cannot run, before anything is written; returns the stages."""
+  stages = parse_stages(config.train.stages, config.train.steps)
+  lrm_data.check_datasets(config.data.train, "data.train")
+  if config.data.eval:
+    lrm_data.check_datasets(config.data.eval, "data.eval")
+  return stages
+
+
+def train_and_evaluate(config, workdir: str, resume: str = "check") -> TrainState:
+  """Trains (or resumes training) in ``workdir``; returns the final state.
+
+  ``resume`` says what a start does with a checkpoint made with another
+  config (``loop.RESUME_MODES``): refuse (``"check"``), add steps at the
+  schedule's final learning rate (``"extend"``) or take the new config
+  (``"change"``).
+  """
+  loop.check_workdir(workdir)
+  with loop.matmul_precision(config):
+    return _train(config, workdir, resume)
+
+
+def _train(config, workdir: str, resume: str) -> TrainState:
+  stages = validate(config)
   mesh = sharding.make_mesh(config.num_devices or None)
   devices = mesh.shape[sharding.DATA_AXIS]
   if config.train.batch_size % devices:
     raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
                      f"{devices} devices")
   arch, model = model_from_config(config)
-  stages = parse_stages(config.train.stages, config.train.steps)
-  optimizer, schedule = optim.make_optimizer(config.train, jax.eval_shape(
-      lambda: init_params(arch, jax.random.key(0))))
-
-  def init_state(rng):
-    params = _initial_params(config, arch, rng)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  lpips_params = load_lpips(config)
+  # A new run writes nothing until it has started: a workdir without checkpoints stays as it is.
+  checkpointer = (Checkpointer(workdir, config)
+                  if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
+  latest = checkpointer.latest_step() if checkpointer else None
+  run = loop.resolve_resume(config, latest, checkpointer.meta(latest) if latest is not None
+                            else None, resume)
+  shapes = jax.eval_shape(lambda: init_params(arch, jax.random.key(0)))
+  optimizer, schedule = optim.make_optimizer(config.train, shapes, run.decay_steps)
 
   # Shape-first: shardings from the abstract state, then materialise in place.
-  abstract = jax.eval_shape(lambda: TrainState(
-      jnp.zeros((), jnp.int32), init_params(arch, jax.random.key(0)),
-      optimizer.init(init_params(arch, jax.random.key(0)))))
+  abstract = jax.eval_shape(lambda: TrainState(jnp.zeros((), jnp.int32), shapes,
+                                               optimizer.init(shapes)))
   state_sharding = sharding.tree_shardings(mesh, abstract, config.train.fsdp)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           abstract, state_sharding)
-  lpips_params = load_lpips(config)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  checkpointer = Checkpointer(workdir, config)
+  if latest is None:
+    if config.train.init_from:
+      params = _initial_params(config, arch, None)
+      state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+                      out_shardings=state_sharding)(params)
+    else:
+      def init_state(rng):
+        params = init_params(arch, rng)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+      state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpointer or Checkpointer(workdir, config)
+  loop.record_start(workdir, config, run, mesh)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=latest)
   base_key = jax.random.key(config.seed)
 
   def make_iterator(stage: Stage):
@@ -268,10 +303,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         seed=config.seed + 1000 * stage.index, shard_index=jax.process_index(),
         shard_count=jax.process_count())
 
-  latest = checkpointer.latest_step()
   if latest is not None:
     meta = checkpointer.meta(latest)
-    stage = stages[meta["stage"]]
+    stage = stages[min(meta["stage"], len(stages) - 1)]
     iterator = make_iterator(stage)
     state = checkpointer.restore(latest, abstract, iterator)
     if stage_at(stages, int(state.step)) != stage:  # saved exactly at a stage's end
@@ -279,16 +313,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       iterator = make_iterator(stage)
     logging.info("resumed from step %d (stage %d)", int(state.step), stage.index)
   else:
-    if config.train.init_from:
-      params = _initial_params(config, arch, None)
-      state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
-                      out_shardings=state_sharding)(params)
-    else:
-      state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
     stage = stage_at(stages, 0)
     iterator = make_iterator(stage)
-  logging.info("model: %s parameters, %d devices, fsdp=%s", f"{count_params(state.params):,}",
-               devices, config.train.fsdp)
+  logging.info("model: %s parameters, %d devices (%d processes), fsdp=%s",
+               f"{count_params(state.params):,}", devices, jax.process_count(), config.train.fsdp)
 
   batch_sharding = sharding.batch_sharding(mesh)
   compiled = {}
@@ -303,42 +331,47 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
           out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
     return compiled[stage.index]
 
-  eval_fn = Evaluator(config, model, mesh, lpips_params, writer) if config.data.eval else None
+  total = config.train.steps
   step = int(state.step)
-  if eval_fn is not None and step == 0:
-    eval_fn(state.params, step)
-  meta = lambda: {"stage": stage.index, "step": step}
-  last_log, last_log_step = time.perf_counter(), step
-  with loop.Preemption() as preemption:
-    while step < config.train.steps:
-      new_stage = stage_at(stages, step)
-      if new_stage != stage:
-        logging.info("stage %d -> %d at step %d: render %d, crop %d", stage.index,
-                     new_stage.index, step, new_stage.render_resolution, new_stage.crop_size)
-        stage, iterator = new_stage, make_iterator(new_stage)
-      batch = sharding.global_batch(mesh, next(iterator))
-      state, metrics = step_fn(stage)(state, batch, base_key)
-      step += 1
-      if step % config.train.log_every == 0 or step == config.train.steps:
-        metrics = jax.device_get(metrics)
-        loop.check_finite(step, metrics)
-        now = time.perf_counter()
-        metrics["objects_per_s"] = (step - last_log_step) * config.train.batch_size / (now - last_log)
-        metrics["stage"] = stage.index
-        last_log, last_log_step = now, step
-        writer.write_scalars(step, metrics)
-        logging.info("step %d: %s", step, ", ".join(f"{k}={float(v):.4g}"
-                                                     for k, v in sorted(metrics.items())))
-      if eval_fn is not None and step % config.train.eval_every == 0:
-        eval_fn(state.params, step)
-      if (step % config.train.checkpoint_every == 0 or step == config.train.steps
-          or preemption.requested):
-        checkpointer.save(step, state, iterator, meta(), force=True)
-      if preemption.requested:
-        logging.warning("SIGTERM: saved step %d, exiting", step)
-        break
-  checkpointer.close()
-  writer.close()
+  meta = lambda: {"stage": stage.index, "step": step, **loop.run_meta(config, run)}
+  try:
+    eval_fn = Evaluator(config, model, mesh, lpips_params, writer) if config.data.eval else None
+    if eval_fn is not None and step == 0:
+      eval_fn(state.params, step)
+    last_log, last_log_step = time.perf_counter(), step
+    with loop.Preemption() as preemption:
+      while step < total:
+        new_stage = stage_at(stages, step)
+        if new_stage != stage:
+          logging.info("stage %d -> %d at step %d: render %d, crop %d", stage.index,
+                       new_stage.index, step, new_stage.render_resolution, new_stage.crop_size)
+          stage, iterator = new_stage, make_iterator(new_stage)
+        batch = sharding.global_batch(mesh, next(iterator))
+        state, metrics = step_fn(stage)(state, batch, base_key)
+        step += 1
+        if step % config.train.log_every == 0 or step == total:
+          metrics = jax.device_get(metrics)
+          loop.check_finite(step, metrics)
+          now = time.perf_counter()
+          rate = (step - last_log_step) / (now - last_log)
+          metrics["objects_per_s"] = rate * config.train.batch_size
+          metrics["stage"] = stage.index
+          last_log, last_log_step = now, step
+          writer.write_scalars(step, metrics)
+          logging.info("%s: %s", loop.progress(step, total, rate),
+                       ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items())))
+        if eval_fn is not None and step % config.train.eval_every == 0:
+          eval_fn(state.params, step)
+          last_log = time.perf_counter()  # evaluation time is not training throughput
+        preempted = preemption.reached(step)
+        if step % config.train.checkpoint_every == 0 or step == total or preempted:
+          checkpointer.save(step, state, iterator, meta(), force=True)
+        if preempted:
+          logging.warning("SIGTERM: saved step %d, exiting", step)
+          break
+  finally:
+    checkpointer.close()
+    writer.close()
   return state
 
 

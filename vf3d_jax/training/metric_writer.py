@@ -9,18 +9,49 @@ import numpy as np
 from PIL import Image
 
 
-class MetricWriter:
-  """Appends ``{"step": s, **scalars}`` lines to ``metrics.jsonl`` and TensorBoard events."""
+def drop_after(path: str, step: int) -> int:
+  """Removes the lines of a ``metrics.jsonl`` logged after ``step``; returns how many."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      logged = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+      continue
+    if logged <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricWriter:
+  """Appends ``{"step": s, **scalars}`` lines to ``metrics.jsonl`` and TensorBoard events.
+
+  A run resumed from step ``resume_step`` first drops what it logged after
+  that step before it stopped (the steps it will train again): the JSONL lines
+  here, the TensorBoard events with TensorBoard's ``purge_step``.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None:
+        drop_after(path, resume_step)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=None if resume_step is None else resume_step + 1)
+      self._jsonl = open(path, "a")
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:

@@ -41,11 +41,13 @@ def is_trained(config, path: str) -> bool:
   return not (config.frozen and re.search(config.frozen, path))
 
 
-def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warmup to ``lr`` then cosine decay to ``lr * final_lr_fraction`` at ``steps``."""
+def learning_rate_schedule(config, decay_steps: int | None = None) -> optax.Schedule:
+  """Linear warmup to ``lr`` then cosine decay to ``lr * final_lr_fraction`` at
+  ``decay_steps`` (default ``steps``), constant after it."""
+  decay_steps = int(decay_steps or config.steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.lr, warmup_steps=max(config.warmup_steps, 1),
-      decay_steps=max(config.steps, config.warmup_steps + 1),
+      decay_steps=max(decay_steps, config.warmup_steps + 1),
       end_value=config.lr * config.final_lr_fraction)
 
 
@@ -87,7 +89,8 @@ def ema_params(opt_state) -> Any | None:
   return found[0].ema_params if found else None
 
 
-def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, params, decay_steps: int | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW over the trainable parameters of ``params`` (a tree or its shapes).
 
   Args:
@@ -96,8 +99,10 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
       ``trainable`` (a regex; "" or absent trains everything not frozen) and
       ``ema_decay`` (0 or absent: no moving average).
     params: the parameter tree (arrays or ShapeDtypeStructs).
+    decay_steps: where the learning rate's decay ends (default ``steps``; a
+      resumed run keeps its checkpoint's, see ``loop.resolve_resume``).
   """
-  schedule = learning_rate_schedule(config)
+  schedule = learning_rate_schedule(config, decay_steps)
   decay = path_mask(params, lambda path, leaf: len(leaf.shape) >= 2)
   adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=1e-8,
                       weight_decay=config.weight_decay, mask=decay)

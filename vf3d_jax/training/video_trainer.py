@@ -16,8 +16,10 @@ state: the rest (the frozen image UNet, the VAE, the CLIP text encoder) is
 loaded from ``config.init`` / ``config.latent`` / ``config.text`` at start and
 passed to the step as constants, so a step computes no gradient for them and
 checkpoints stay small. Checkpoints (Orbax, ``workdir/checkpoints``) hold the
-train state and the data iterator; the job resumes from the latest one, saves
-on SIGTERM, stops with a clear message when the loss is not finite, writes
+train state, the data iterator and the run's config and learning-rate
+schedule; the job resumes from the latest one (refusing a changed config
+unless told how, see ``loop.resolve_resume``), saves on SIGTERM, stops with a
+clear message when the loss or the state is not finite, writes
 samples (a PNG grid, an mp4) of held-out clips every ``train.sample_every``
 steps with their consistency scores (``consistency_scores``) and the held-out
 orbits' direction test (``direction_losses``), and at the end exports the full model to
@@ -424,11 +426,21 @@ def export_model(workdir: str, spec: model_lib.VideoSpec, params) -> str:
   return model_lib.save_export(target, spec, jax.device_get(params))
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Trains (or resumes training) in ``workdir``; returns the final state."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+def train_and_evaluate(config, workdir: str, resume: str = "check") -> TrainState:
+  """Trains (or resumes training) in ``workdir``; returns the final state.
+
+  ``resume``: what a start does with a checkpoint made with another config
+  (``loop.RESUME_MODES``).
+  """
+  loop.check_workdir(workdir)
+  with loop.matmul_precision(config):
+    return _train(config, workdir, resume)
+
+
+def _train(config, workdir: str, resume: str) -> TrainState:
+  lrm_data.check_datasets(config.data.train, "data.train")
+  if config.data.eval:
+    lrm_data.check_datasets(config.data.eval, "data.eval")
   mesh = sharding.make_mesh(config.num_devices or None)
   devices = mesh.shape[sharding.DATA_AXIS]
   if config.train.batch_size % devices:
@@ -437,12 +449,18 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   spec = model_lib.spec_from_config(config)
   model = model_lib.VideoModel(spec, dtype=jnp.dtype(config.dtype), remat=config.train.remat)
   _check_config(config, model)
+  # A new run writes nothing until it has started: a workdir without checkpoints stays as it is.
+  checkpointer = (Checkpointer(workdir, config)
+                  if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
+  latest = checkpointer.latest_step() if checkpointer else None
+  run = loop.resolve_resume(config, latest, checkpointer.meta(latest) if latest is not None
+                            else None, resume)
   rng = jax.random.key(config.seed)
   params = model_lib.initial_params(model, rng, unet=config.init.unet, motion=config.init.motion)
   trainable, frozen = split_params(config, params)
   del params
   encoders = model.load_encoders()
-  optimizer, schedule = optim.make_optimizer(config.train, trainable)
+  optimizer, schedule = optim.make_optimizer(config.train, trainable, run.decay_steps)
   # Every trainable leaf is trained: the optimizer needs no freezing of its own.
   abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
                             trainable)
@@ -452,12 +470,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   encoders = jax.device_put(encoders, replicated)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           abstract, state_sharding)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  checkpointer = Checkpointer(workdir, config)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpointer or Checkpointer(workdir, config)
+  loop.record_start(workdir, config, run, mesh)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=latest)
   iterator = make_train_iterator(config, batch_size=config.train.batch_size // jax.process_count(),
                                  seed=config.seed, shard_index=jax.process_index(),
                                  shard_count=jax.process_count())
-  latest = checkpointer.latest_step()
   if latest is not None:
     state = checkpointer.restore(latest, abstract, iterator)
     logging.info("resumed from step %d", int(state.step))
@@ -466,8 +485,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     out_shardings=state_sharding)(trainable)
   del trainable
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-  logging.info("stage %s: %s trainable, %s frozen parameters, %d devices", config.stage,
-               f"{count(state.params):,}", f"{count(frozen):,}", devices)
+  logging.info("stage %s: %s trainable, %s frozen parameters, %d devices (%d processes)",
+               config.stage, f"{count(state.params):,}", f"{count(frozen):,}", devices,
+               jax.process_count())
 
   null_tokens = jnp.asarray(model.tokenize([""]))
   loss_fn = functools.partial(compute_loss, model=model, config=config, null_tokens=null_tokens)
@@ -475,40 +495,54 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       functools.partial(train_step, optimizer=optimizer, schedule=schedule, loss_fn=loss_fn),
       in_shardings=(state_sharding, None, replicated, sharding.batch_sharding(mesh), replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  sampler = Sampler(config, model, writer, workdir) if config.train.sample_every else None
+  # Sampling and the export run on process 0 alone, on host copies when several processes
+  # hold the arrays (gathering them is collective: every process takes part).
+  several = jax.process_count() > 1
+  local = lambda tree: sharding.to_host(tree) if several else tree
+  sampler = (Sampler(config, model, writer, workdir)
+             if config.train.sample_every and jax.process_index() == 0 else None)
+  sample_encoders = local(encoders)
   base_key = jax.random.key(config.seed + 1)
+  total = config.train.steps
   step = int(state.step)
-  last_log, last_log_step = time.perf_counter(), step
-  with loop.Preemption() as preemption:
-    while step < config.train.steps:
-      raw = next(iterator)
-      tokens = model.tokenize(pipeline.decode_captions(raw["caption"]))
-      batch = sharding.global_batch(mesh, {"frames": raw["frames"], "tokens": tokens})
-      state, metrics = step_fn(state, frozen, encoders, batch, base_key)
-      step += 1
-      if step % config.train.log_every == 0 or step == config.train.steps:
-        metrics = jax.device_get(metrics)
-        loop.check_finite(step, metrics)
-        now = time.perf_counter()
-        metrics["clips_per_s"] = (step - last_log_step) * config.train.batch_size / (now - last_log)
-        last_log, last_log_step = now, step
-        writer.write_scalars(step, metrics)
-        logging.info("step %d: %s", step, ", ".join(f"{k}={float(v):.4g}"
-                                                     for k, v in sorted(metrics.items())))
-      if sampler is not None and (step % config.train.sample_every == 0
-                                  or step == config.train.steps):
-        sampler(model_params(state, frozen), encoders, step)
-        last_log = time.perf_counter()  # sampling time is not training throughput
-      if (step % config.train.checkpoint_every == 0 or step == config.train.steps
-          or preemption.requested):
-        checkpointer.save(step, state, iterator, {"step": step}, force=True)
-      if preemption.requested:
-        logging.warning("SIGTERM: saved step %d, exiting", step)
-        break
-  checkpointer.close()
-  writer.close()
-  if step >= config.train.steps and jax.process_index() == 0:
-    path = export_model(workdir, spec, model_params(state, frozen))
-    logging.info("exported the model to %s", path)
+  meta = lambda: {"step": step, **loop.run_meta(config, run)}
+  try:
+    last_log, last_log_step = time.perf_counter(), step
+    with loop.Preemption() as preemption:
+      while step < total:
+        raw = next(iterator)
+        tokens = model.tokenize(pipeline.decode_captions(raw["caption"]))
+        batch = sharding.global_batch(mesh, {"frames": raw["frames"], "tokens": tokens})
+        state, metrics = step_fn(state, frozen, encoders, batch, base_key)
+        step += 1
+        if step % config.train.log_every == 0 or step == total:
+          metrics = jax.device_get(metrics)
+          loop.check_finite(step, metrics)
+          now = time.perf_counter()
+          rate = (step - last_log_step) / (now - last_log)
+          metrics["clips_per_s"] = rate * config.train.batch_size
+          last_log, last_log_step = now, step
+          writer.write_scalars(step, metrics)
+          logging.info("%s: %s", loop.progress(step, total, rate),
+                       ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items())))
+        if config.train.sample_every and (step % config.train.sample_every == 0
+                                          or step == total):
+          params = local(model_params(state, frozen))
+          if sampler is not None:
+            sampler(params, sample_encoders, step)
+          last_log = time.perf_counter()  # sampling time is not training throughput
+        preempted = preemption.reached(step)
+        if step % config.train.checkpoint_every == 0 or step == total or preempted:
+          checkpointer.save(step, state, iterator, meta(), force=True)
+        if preempted:
+          logging.warning("SIGTERM: saved step %d, exiting", step)
+          break
+  finally:
+    checkpointer.close()
+    writer.close()
+  if step >= total:
+    params = local(model_params(state, frozen))
+    if jax.process_index() == 0:
+      path = export_model(workdir, spec, params)
+      logging.info("exported the model to %s", path)
   return state
-

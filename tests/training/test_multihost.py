@@ -1,0 +1,152 @@
+"""Sharded and multi-process LRM training compute what one device computes.
+
+Two steps of the tiny LRM with a global batch of 4 objects, on 1 device, on 4
+simulated devices (data parallel, and with FSDP-sharded parameters and
+optimizer state), and in two processes of 2 devices each started with
+``--distributed`` (a coordinator on 127.0.0.1, CPU collectives), each process
+reading its own half of every batch. Losses and parameters agree to float
+tolerance: the sums over objects and devices are reduced in another order,
+nothing else differs (the data, its randomness and the renderer's keys are
+the same per object whatever the layout).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import lrm as lrm_configs
+from configs import render as render_configs
+from vf3d_jax.data import render_orbits
+from vf3d_jax.training import lrm_data
+from vf3d_jax.training import lrm_trainer
+from vf3d_jax.training import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Float32 sums in another order: a few ulps in the losses; after Adam's second
+# update (lr 3.3e-5) parameters differ by well under 1e-6.
+LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-6
+OVERRIDES = {"train.steps": 2, "train.stages": ((2, 16, 16, 8, 8),), "train.batch_size": 4,
+             "train.num_views": 2, "train.log_every": 1, "train.checkpoint_every": 2,
+             "data.eval": ""}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+  config = render_configs.get_config("tiny")
+  config.output_dir, config.name, config.num_assets = str(tmp_path_factory.mktemp("records")), \
+      "train", 8
+  config.resolution = 32
+  return render_orbits.render_dataset(config)
+
+
+def _config(records, **fields):
+  config = lrm_configs.get_config("tiny")
+  config.data.train = records
+  for name, value in {**OVERRIDES, **fields}.items():
+    section, _, field = name.rpartition(".")
+    setattr(config[section] if section else config, field, value)
+  return config
+
+
+def _losses(workdir):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [(l["step"], l["loss"]) for l in lines if "loss" in l]
+
+
+def _run(records, workdir, **fields):
+  state = lrm_trainer.train_and_evaluate(_config(records, **fields), str(workdir))
+  return state, jax.device_get(state.params), _losses(workdir)
+
+
+@pytest.fixture(scope="module")
+def one_device(records, tmp_path_factory):
+  return _run(records, tmp_path_factory.mktemp("one"), num_devices=1)
+
+
+@pytest.fixture(scope="module")
+def four_devices(records, tmp_path_factory):
+  return _run(records, tmp_path_factory.mktemp("four"), num_devices=4)
+
+
+def _assert_same_training(a, b):
+  (_, params_a, losses_a), (_, params_b, losses_b) = a, b
+  assert [s for s, _ in losses_a] == [s for s, _ in losses_b] == [1, 2]
+  np.testing.assert_allclose([l for _, l in losses_a], [l for _, l in losses_b], rtol=LOSS_RTOL)
+  for path, x in jax.tree_util.tree_leaves_with_path(params_a):
+    y = params_b
+    for key in path:
+      y = y[key.key]
+    np.testing.assert_allclose(x, y, rtol=0, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path))
+
+
+def test_each_process_reads_its_block_of_every_global_batch(records):
+  """Side by side, the processes' batches are the one-process batches, element for element."""
+  data = _config(records).data
+  kwargs = dict(num_views=2, input_size=64, render_resolution=16, crop_size=8, seed=3)
+  one = lrm_data.make_train_iterator(data, batch_size=4, shard_index=0, shard_count=1, **kwargs)
+  halves = [lrm_data.make_train_iterator(data, batch_size=2, shard_index=i, shard_count=2,
+                                         **kwargs) for i in range(2)]
+  for _ in range(3):  # 12 of the 8 objects: into the second epoch
+    batch, parts = next(one), [next(h) for h in halves]
+    for key in lrm_data.BATCH_KEYS:
+      np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]), key)
+
+
+def test_four_devices_with_and_without_fsdp_train_as_one(records, one_device, four_devices,
+                                                        tmp_path, monkeypatch):
+  _assert_same_training(one_device, four_devices)
+  # The tiny model's tensors are all below the FSDP size threshold: lower it so they split.
+  monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 1024)
+  fsdp = _run(records, tmp_path / "fsdp", num_devices=4, **{"train.fsdp": True})
+  split = [x for x in jax.tree.leaves(fsdp[0].params) if not x.sharding.is_fully_replicated]
+  assert len(split) >= 10, len(split)
+  _assert_same_training(one_device, fsdp)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one(records, four_devices, tmp_path):
+  """``--distributed``: 2 processes x 2 CPU devices, a global batch of 4, as 1 process x 4."""
+  workdir = tmp_path / "two"
+  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "vf3d_jax.train_lrm", "--config", "configs/lrm.py:tiny",
+       "--workdir", str(workdir), f"--config.data.train={records}", *flags, "--distributed",
+       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = []
+  for proc in procs:
+    try:
+      outputs.append(proc.communicate(timeout=400))
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  assert "model: 258,932 parameters, 4 devices (2 processes)" in outputs[0][1]
+  assert "INFO" not in outputs[1][1] and "step 2/2" not in outputs[1][1]  # process 0 logs alone
+  # Only process 0 wrote metrics: each step once. The checkpoint was written by both.
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+                        four_devices[0])
+  path = os.path.join(workdir, "checkpoints", "2", "state")
+  params = ocp.StandardCheckpointer().restore(path, target).params
+  _assert_same_training(four_devices, (None, params, _losses(workdir)))
+  data_states = os.listdir(os.path.join(workdir, "checkpoints", "2", "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_states), data_states
