@@ -140,7 +140,7 @@ def start_distributed() -> bool:
            if flag.value is not None]
   if not _DISTRIBUTED.value:
     if given:
-      fail(f"{', '.join(given)} need --distributed", 2)
+      fail(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --distributed", 2)
     return False
   import jax  # pylint: disable=g-import-not-at-top
   try:
@@ -209,9 +209,10 @@ class WarningsOnly(pylogging.Filter):
 
 
 class QuietLibraries(pylogging.Filter):
-  """Drops the INFO chatter of Orbax, Grain and JAX's backend probing; warnings and errors stay."""
+  """Drops the INFO chatter of Orbax, Grain, JAX's backend probing and distributed start-up;
+  warnings and errors stay."""
 
   def filter(self, record):
     noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
-    noisy = noisy or record.pathname.endswith("xla_bridge.py")
+    noisy = noisy or record.pathname.endswith(("xla_bridge.py", f"{os.sep}distributed.py"))
     return record.levelno >= pylogging.WARNING or not noisy

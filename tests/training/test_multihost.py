@@ -150,3 +150,39 @@ def test_two_processes_train_as_one(records, four_devices, tmp_path):
   _assert_same_training(four_devices, (None, params, _losses(workdir)))
   data_states = os.listdir(os.path.join(workdir, "checkpoints", "2", "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_states), data_states
+
+
+# A job that is not multiprocess: process 0 writes and fails; process 1 only waits.
+_ALONE_JOB = """
+import os
+import jax
+from vf3d_jax import cli
+
+def main(argv):
+  open(os.path.join(os.environ["OUT"], f"written_by_{jax.process_index()}"), "w").close()
+  raise ValueError("no images in photos/")
+
+cli.run(main)
+"""
+
+
+def test_other_jobs_run_on_process_0_alone(tmp_path):
+  address = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OUT=str(tmp_path),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _ALONE_JOB, "--distributed", f"--coordinator_address={address}",
+       "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in (1, 0)]
+  outputs = [p.communicate(timeout=200) for p in procs]
+  done = [(p.returncode, err) for p, (_, err) in zip(procs, outputs)]
+  assert done == [(1, ""), (1, "error: no images in photos/\n")]  # process 1's code is process 0's
+  assert os.listdir(tmp_path) == ["written_by_0"]
+
+
+def test_distributed_flags_need_distributed(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "vf3d_jax.train_lrm", "--workdir", str(tmp_path),
+                         "--num_processes=2", "--process_id=0"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert (done.returncode, done.stderr) == (
+      2, "error: --num_processes, --process_id need --distributed\n")

@@ -1,7 +1,8 @@
-"""The LRM training job: multi-stage steps, checkpoints, exact resume after SIGKILL."""
+"""The LRM training job: multi-stage steps, checkpoints, exact resume after SIGKILL, user errors."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ OVERRIDES = ["--config.train.steps=6", f"--config.train.stages={STAGES}",
              "--config.train.log_every=1", "--config.train.checkpoint_every=2",
              "--config.train.eval_every=1000", "--config.eval.render_resolution=16",
              "--config.eval.num_coarse=8", "--config.eval.num_fine=8", "--config.eval.num_objects=2",
-             "--config.num_devices=1"]
+             "--config.num_devices=2", "--config.data.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,12 @@ def _steps(workdir):
 
 
 def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
+  """2 devices, 2 Grain worker processes: killed after a checkpoint, resumed, the same run."""
   straight = tmp_path / "straight"
   done = subprocess.run(_command(straight, records), cwd=REPO, capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert re.search(r"step 6/6 \(100%\), [0-9.]+ steps/s, ETA 0s: ", done.stderr), done.stderr[-3000:]
   logged = [m for m in _steps(straight) if "loss" in m]
   assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
   assert [m["stage"] for m in logged] == [0, 0, 0, 1, 1, 1]  # switched without a restart
@@ -70,14 +73,15 @@ def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
   assert os.listdir(straight / "images") and os.listdir(straight / "tensorboard")
 
   killed = tmp_path / "killed"
+  # Its own process group: the kill takes its Grain workers too, as a lost machine would.
   proc = subprocess.Popen(_command(killed, records), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                          stderr=subprocess.DEVNULL, start_new_session=True)
   deadline = time.time() + 300
   while not (killed / "checkpoints" / "2").exists() and time.time() < deadline:
     if proc.poll() is not None:
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
+  os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   steps_before = sorted(int(s) for s in os.listdir(killed / "checkpoints") if s.isdigit())
   assert steps_before and max(steps_before) < 6, steps_before
@@ -87,6 +91,19 @@ def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
   assert "resumed from step" in resumed.stderr
   a, b = _params(straight, 6), _params(killed, 6)
   assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b))
+  # Nothing logged twice: the steps after the checkpoint the killed run had logged were dropped.
+  assert [m["step"] for m in _steps(killed) if "loss" in m] == [1, 2, 3, 4, 5, 6]
+  history = [json.loads(l) for l in open(killed / "config_history.jsonl")]
+  assert [h["start_step"] for h in history] == [0, max(steps_before)]
+
+  # A changed config does not resume behind the user's back.
+  changed = subprocess.run(_command(straight, records, ["--config.train.steps=8"]), cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+  assert (changed.returncode, changed.stderr) == (1, (
+      "error: the config differs from the run in this workdir (checkpoint at step 6): "
+      "train.steps 6 -> 8; pass --resume=extend to add the steps at the schedule's final "
+      "learning rate, or --resume=change to stretch the schedule to the new train.steps (a warm "
+      "restart)\n"))
 
   # The trained parameters export to the released layout and load for inference.
   exported = tmp_path / "model.safetensors"
@@ -96,6 +113,25 @@ def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   _, loaded = pretrained.load_lrm(exported)
   assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a, loaded))
+
+
+@pytest.mark.parametrize("module", ["vf3d_jax.train_lrm", "vf3d_jax.train_video"])
+def test_mistakes_before_a_run_starts_are_one_line_and_leave_no_workdir(module, tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for args, stderr in [
+      ([f"--workdir={afile}"], f"error: --workdir {afile} is not a directory\n"),
+      ([f"--workdir={tmp_path / 'run'}", "--config.data.train="],
+       "error: data.train is empty: give record folders as 'path[:weight],...' (make them with "
+       "`python -m tools.render_orbits`)\n"),
+      ([f"--workdir={tmp_path / 'run'}", f"--config.data.train={empty}"],
+       f"error: data.train: no ArrayRecord shards at '{empty}'\n")]:
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert (done.returncode, done.stderr) == (1, stderr)
+  assert sorted(os.listdir(tmp_path)) == ["afile", "empty"]
 
 
 def test_divergence_stops_with_a_clear_message(records, tmp_path):

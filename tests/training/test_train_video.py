@@ -11,6 +11,7 @@ import pytest
 from configs import render as render_configs
 from configs import video as video_configs
 from vf3d_jax.data import render_orbits
+from vf3d_jax.training import sharding
 from vf3d_jax.training import video_trainer
 from vf3d_jax.video import sampling
 from vf3d_jax.video import model as model_lib
@@ -288,6 +289,34 @@ def test_eval_video_shows_its_progress_on_a_terminal(records, video_export, tmp_
   shown = shown.decode(errors="replace")
   assert "image_scale 2, text_scale 5: 100%" in shown and "2/2" in shown, shown[-2000:]
   assert '"image_scale": 2.0' in stdout  # the scores still go to stdout
+
+
+def test_four_devices_with_and_without_fsdp_train_as_one(records, tmp_path, monkeypatch):
+  """2 adapter steps, a global batch of 4 clips: 1 device, 4 (data parallel), 4 with the
+  frozen UNet and the adapters' state FSDP-sharded. Only the order of float32 sums over
+  clips and devices differs: losses to a few ulps, adapters (Adam's second update at
+  lr 1e-4) well within 1e-6."""
+  monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 256)  # split the tiny model's tensors too
+  runs = {}
+  for name, devices, fsdp in (("one", 1, False), ("four", 4, False), ("fsdp", 4, True)):
+    config = _config("video", records, batch_size=4, sample_every=0, fsdp=fsdp)
+    config.data.eval = ""
+    config.num_devices = devices
+    workdir = str(tmp_path / name)
+    state = video_trainer.train_and_evaluate(config, workdir)
+    losses = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    runs[name] = (state, [(l["step"], l["loss"]) for l in losses if "loss" in l])
+  split = [x for x in jax.tree.leaves(runs["fsdp"][0].params) if not x.sharding.is_fully_replicated]
+  assert len(split) >= 5, len(split)
+  one_state, one_losses = runs["one"]
+  for name in ("four", "fsdp"):
+    state, losses = runs[name]
+    assert [s for s, _ in losses] == [s for s, _ in one_losses] == [1, 2]
+    np.testing.assert_allclose([l for _, l in losses], [l for _, l in one_losses], rtol=1e-5)
+    mine, ref = flat(jax.device_get(state.params)), flat(jax.device_get(one_state.params))
+    assert mine.keys() == ref.keys()
+    for path in ref:
+      np.testing.assert_allclose(mine[path], ref[path], rtol=0, atol=1e-6, err_msg=f"{name} {path}")
 
 
 def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):

@@ -1,4 +1,5 @@
-"""Resuming a run: the config check, the stored schedule, the history, metrics and saves after a kill."""
+"""The trainers' shared loop: resuming (the config check, the stored schedule, the history,
+metrics after a kill), saves of non-finite states, the progress line, matmul precision."""
 
 import json
 import os
@@ -8,9 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import infer as infer_configs
 from configs import lrm as lrm_configs
 from configs import video as video_configs
+from vf3d_jax.inference import pipeline
 from vf3d_jax.training import loop
+from vf3d_jax.training import lrm_trainer
+from vf3d_jax.training import video_trainer
 from vf3d_jax.training import optim
 from vf3d_jax.training import sharding
 from vf3d_jax.training.metric_writer import MetricWriter, drop_after
@@ -187,3 +192,23 @@ def test_matmul_precision_setting(no_default_precision):
   with pytest.raises(ValueError, match="^precision must be one of default, high, highest, "
                      "got 'fast'$"):
     loop.matmul_precision(config)
+
+
+@pytest.mark.parametrize("module, config, expected", [
+    (lrm_trainer, lrm_configs.get_config("tiny"), "highest"),
+    (video_trainer, video_configs.get_config("tiny"), "highest"),
+    (video_trainer, video_configs.get_config("sd15"), "default"),
+    (pipeline, infer_configs.get_config("vfusion3d"), "highest"),
+    (pipeline, infer_configs.get_config("fast"), "default")])
+def test_jobs_run_at_their_config_precision(no_default_precision, monkeypatch, module, config,
+                                            expected):
+  """Float32 jobs at "highest" (no TF32 or bfloat16 passes on GPUs and TPUs); the bfloat16
+  variants (sd15, fast) as before."""
+  seen = []
+  monkeypatch.setattr(module, "_run" if module is pipeline else "_train",
+                      lambda *args: seen.append(jax.config.jax_default_matmul_precision))
+  if module is pipeline:
+    module.run(config, "model.safetensors", "photo.png", "out")
+  else:
+    module.train_and_evaluate(config, "workdir")
+  assert seen == [expected] and jax.config.jax_default_matmul_precision is None
