@@ -44,7 +44,10 @@ def write_model_dir(directory: str | os.PathLike, meta: dict[str, dict], params)
     for name, content in meta.items():
       with open(os.path.join(tmp, name), "w") as f:
         json.dump(content, f, indent=2)
-    checkpointer = ocp.StandardCheckpointer()
+    # This process writes alone, also in a multi-process run (where process 0 exports).
+    this = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=this, active_processes={this})
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=alone)
     checkpointer.save(os.path.join(tmp, PARAMS_DIR), jax.tree.map(np.asarray, params))
     checkpointer.wait_until_finished()
     os.rename(tmp, directory)

@@ -339,6 +339,14 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def wait_for_processes(name: str, timeout_s: int = 24 * 3600) -> None:
+  """With several processes, each waits here until all arrive (e.g. for process 0's samples
+  or export: the others would otherwise reach the runtime's shutdown, which waits 5 min)."""
+  if jax.process_count() > 1:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    distributed.global_state.client.wait_at_barrier(f"vf3d_jax/{name}", timeout_s * 1000)
+
+
 def check_finite(step: int, metrics: dict) -> None:
   """Raises :class:`TrainingDiverged` naming the metrics that are not finite."""
   bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}

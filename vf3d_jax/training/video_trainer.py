@@ -530,6 +530,7 @@ def _train(config, workdir: str, resume: str) -> TrainState:
           params = local(model_params(state, frozen))
           if sampler is not None:
             sampler(params, sample_encoders, step)
+          loop.wait_for_processes(f"samples_{step}")
           last_log = time.perf_counter()  # sampling time is not training throughput
         preempted = preemption.reached(step)
         if step % config.train.checkpoint_every == 0 or step == total or preempted:
@@ -545,4 +546,5 @@ def _train(config, workdir: str, resume: str) -> TrainState:
     if jax.process_index() == 0:
       path = export_model(workdir, spec, params)
       logging.info("exported the model to %s", path)
+    loop.wait_for_processes("export")
   return state
