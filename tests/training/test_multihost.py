@@ -4,10 +4,10 @@ Two steps of the tiny LRM with a global batch of 4 objects, on 1 device, on 4
 simulated devices (data parallel, and with FSDP-sharded parameters and
 optimizer state), and in two processes of 2 devices each started with
 ``--distributed`` (a coordinator on 127.0.0.1, CPU collectives), each process
-reading its own half of every batch. Losses and parameters agree to float
-tolerance: the sums over objects and devices are reduced in another order,
-nothing else differs (the data, its randomness and the renderer's keys are
-the same per object whatever the layout).
+reading its own half of every batch. Losses, gradient norms and parameters
+agree to float tolerance: the sums over objects and devices are reduced in
+another order, nothing else differs (the data, its randomness and the
+renderer's keys are the same per object whatever the layout).
 """
 
 import json
@@ -26,12 +26,18 @@ from configs import render as render_configs
 from vf3d_jax.data import render_orbits
 from vf3d_jax.training import lrm_data
 from vf3d_jax.training import lrm_trainer
+from vf3d_jax.training import optim
 from vf3d_jax.training import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Float32 sums in another order: a few ulps in the losses; after Adam's second
-# update (lr 3.3e-5) parameters differ by well under 1e-6.
-LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-6
+# Float32 sums in another order. The forward pass is the same per object whatever
+# the batch (the losses differ by the final mean's order: 4e-7 measured); the
+# parameter gradients are sums over objects and devices (gradient norms: 4e-5
+# measured, with camera noise; bit-exact without). Adam scales each parameter's
+# update to about the learning rate, so where a parameter's two gradients nearly
+# cancel, that noise shows as a fraction of the second update's learning rate
+# (measured: 0.2 of it, in under 0.1% of the parameters); all others agree within 1e-6.
+LOSS_RTOL, GRAD_RTOL, PARAM_ATOL, PARAM_SHARE_OFF = 1e-5, 1e-4, 1e-6, 0.005
 OVERRIDES = {"train.steps": 2, "train.stages": ((2, 16, 16, 8, 8),), "train.batch_size": 4,
              "train.num_views": 2, "train.log_every": 1, "train.checkpoint_every": 2,
              "data.eval": ""}
@@ -56,8 +62,9 @@ def _config(records, **fields):
 
 
 def _losses(workdir):
+  """``[(step, loss, grad_norm)]`` as logged."""
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return [(l["step"], l["loss"]) for l in lines if "loss" in l]
+  return [(l["step"], l["loss"], l["grad_norm"]) for l in lines if "loss" in l]
 
 
 def _run(records, workdir, **fields):
@@ -76,14 +83,20 @@ def four_devices(records, tmp_path_factory):
 
 
 def _assert_same_training(a, b):
-  (_, params_a, losses_a), (_, params_b, losses_b) = a, b
-  assert [s for s, _ in losses_a] == [s for s, _ in losses_b] == [1, 2]
-  np.testing.assert_allclose([l for _, l in losses_a], [l for _, l in losses_b], rtol=LOSS_RTOL)
+  (_, params_a, logged_a), (_, params_b, logged_b) = a, b
+  assert [l[0] for l in logged_a] == [l[0] for l in logged_b] == [1, 2]
+  np.testing.assert_allclose([l[1] for l in logged_a], [l[1] for l in logged_b], rtol=LOSS_RTOL)
+  np.testing.assert_allclose([l[2] for l in logged_a], [l[2] for l in logged_b], rtol=GRAD_RTOL)
+  second_lr = float(optim.learning_rate_schedule(_config("").train)(1))
+  off = []
   for path, x in jax.tree_util.tree_leaves_with_path(params_a):
     y = params_b
     for key in path:
       y = y[key.key]
-    np.testing.assert_allclose(x, y, rtol=0, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(x, y, rtol=0, atol=0.5 * second_lr,
+                               err_msg=jax.tree_util.keystr(path))
+    off.append(np.abs(np.asarray(x) - np.asarray(y)).ravel() > PARAM_ATOL)
+  assert np.concatenate(off).mean() < PARAM_SHARE_OFF
 
 
 def test_each_process_reads_its_block_of_every_global_batch(records):
