@@ -62,7 +62,8 @@ def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
   done = subprocess.run(_command(straight, records), cwd=REPO, capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert re.search(r"step 6/6 \(100%\), [0-9.]+ steps/s, ETA 0s: ", done.stderr), done.stderr[-3000:]
+  progress = r"step 6/6 \(100%\), [0-9.]+ steps/s, ETA 0s: "  # the log line's head
+  assert re.search(progress, done.stderr), done.stderr[-3000:]
   logged = [m for m in _steps(straight) if "loss" in m]
   assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
   assert [m["stage"] for m in logged] == [0, 0, 0, 1, 1, 1]  # switched without a restart
