@@ -1,13 +1,13 @@
 # Two commands from a fresh clone:
 #   make demo   creates .venv, installs the pinned stack, runs the inference job on its embedded default
-#   make test   same set-up, then the test suite
+#   make test   same set-up, then the test suite (without the checks marked slow: make test-slow)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-slow bench clean
 
 $(STAMP): requirements.lock setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS) tests
+
+# The checks marked slow (several minutes of training each), left out of `make test`.
+test-slow: setup
+	$(PY) -m pytest -n 2 --dist load -m slow $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) outputs *.egg-info

@@ -129,6 +129,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(records, four_devices, tmp_path):
   """``--distributed``: 2 processes x 2 CPU devices, a global batch of 4, as 1 process x 4."""
   workdir = tmp_path / "two"

@@ -56,6 +56,7 @@ def _steps(workdir):
   return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
   """2 devices, 2 Grain worker processes: killed after a checkpoint, resumed, the same run."""
   straight = tmp_path / "straight"
@@ -146,6 +147,7 @@ def test_divergence_stops_with_a_clear_message(records, tmp_path):
     lrm_trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
+@pytest.mark.slow
 def test_lpips_loss_term_runs_sharded_over_devices(records, tmp_path):
   config = lrm_configs.get_config("tiny")
   config.data.train, config.data.eval = records["train"], ""

@@ -88,6 +88,7 @@ class _StopAfter:
     return self.requested
 
 
+@pytest.mark.slow
 def test_video_stage_trains_only_the_adapters_and_resumes(records, image_run, tmp_path,
                                                           monkeypatch):
   config = _config("video", records)
@@ -291,6 +292,7 @@ def test_eval_video_shows_its_progress_on_a_terminal(records, video_export, tmp_
   assert '"image_scale": 2.0' in stdout  # the scores still go to stdout
 
 
+@pytest.mark.slow
 def test_four_devices_with_and_without_fsdp_train_as_one(records, tmp_path, monkeypatch):
   """2 adapter steps, a global batch of 4 clips: 1 device, 4 (data parallel), 4 with the
   frozen UNet and the adapters' state FSDP-sharded. Only the order of float32 sums over
@@ -326,6 +328,7 @@ def test_four_devices_with_and_without_fsdp_train_as_one(records, tmp_path, monk
       np.testing.assert_allclose(mine[path], ref[path], rtol=0, atol=1e-6, err_msg=f"{name} {path}")
 
 
+@pytest.mark.slow
 def test_video_model_equals_the_image_model_per_frame_at_initialisation(records, image_run):
   """With fresh (identity) adapters the video model reproduces its image model."""
   config = _config("video", records)
@@ -344,6 +347,7 @@ def test_video_model_equals_the_image_model_per_frame_at_initialisation(records,
   np.testing.assert_allclose(np.asarray(got), np.asarray(per_frame), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_direction_losses_are_blind_to_order_for_frame_independent_models(records, image_run):
   """Identity adapters score an orbit and its mirror exactly alike; working adapters do not."""
   np.testing.assert_array_equal(video_trainer.mirrored_order(5), [0, 4, 3, 2, 1])
@@ -477,6 +481,7 @@ def _sd_folder(root):
   return image_arch, unet_params
 
 
+@pytest.mark.slow
 def test_adapters_train_over_a_stable_diffusion_layout_folder(records, tmp_path):
   """The sd15 recipe end to end on tiny random SD-layout weights: VAE latents, CLIP text,
   rematerialised blocks; the image UNet stays exactly the file's."""
