@@ -27,7 +27,8 @@ from vf3d_jax.rendering import renderer
 from vf3d_jax.training import lrm_data
 from vf3d_jax.training import lrm_trainer
 
-# 300 steps of 16² crops with 12 + 12 samples a ray: 104 s of training on 2 idle CPU cores.
+# 300 steps of 16² crops with 12 + 12 samples a ray: 71 s for the whole run (compilation and
+# evaluations included) on 2 idle CPU cores.
 STEPS = 300
 MIN_PSNR = 21.5  # dB on the 8 objects' 32² views (22.3 measured; an average blob scores about 11)
 
