@@ -52,6 +52,9 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
   config.batch_size = 4
   config.rays_per_chunk = 16384
   config.png_threads = 4
+  # Points sampled on each asset's true surface (uniform by area) and stored in its record,
+  # for evaluation's geometry scores; 0 stores none.
+  config.surface_points = 0
   # Progress bar on stderr (assets done / total, rate, ETA); a line a minute into a log.
   config.progress = True
 
@@ -74,6 +77,9 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
   config.procedural.max_primitives = 4
   # Surface patterns allowed, comma-separated: solid, striped, checkered.
   config.procedural.patterns = "solid,striped,checkered"
+  # Part shapes allowed (an asset family), comma-separated: sphere, ellipsoid, box, cylinder,
+  # cone, torus.
+  config.procedural.shapes = "sphere,ellipsoid,box,cylinder,cone,torus"
 
   config.meshes = ml_collections.ConfigDict()
   # Comma-separated globs (``**`` allowed).

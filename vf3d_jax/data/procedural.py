@@ -49,7 +49,8 @@ PALETTE = {
     "black": (0.07, 0.07, 0.07),
     "cyan": (0.14, 0.78, 0.84),
 }
-_SHAPES = ("sphere", "ellipsoid", "box", "cylinder", "cone", "torus")
+# The shapes an asset's parts are drawn from (an ellipsoid is a sphere of unequal scales).
+SHAPES = ("sphere", "ellipsoid", "box", "cylinder", "cone", "torus")
 _SHAPE_WEIGHTS = (0.18, 0.10, 0.22, 0.18, 0.16, 0.16)
 
 
@@ -140,9 +141,19 @@ def _pattern_weights(patterns) -> np.ndarray:
   return weights / weights.sum()
 
 
-def _sample_shape(rng: np.random.Generator, pattern_weights: np.ndarray) -> dict:
+def _shape_weights(shapes) -> np.ndarray:
+  """Probabilities over SHAPES restricted to ``shapes`` (renormalised)."""
+  unknown = set(shapes) - set(SHAPES)
+  if unknown or not shapes:
+    raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {shapes}")
+  weights = np.array([w if name in shapes else 0.0 for name, w in zip(SHAPES, _SHAPE_WEIGHTS)])
+  return weights / weights.sum()
+
+
+def _sample_shape(rng: np.random.Generator, pattern_weights: np.ndarray,
+                  shape_weights: np.ndarray) -> dict:
   """A primitive resting at the origin (bottom at ``z = 0``) and its noun."""
-  shape = rng.choice(_SHAPES, p=_SHAPE_WEIGHTS)
+  shape = rng.choice(SHAPES, p=shape_weights)
   size = rng.uniform(0.35, 0.6)
   rotation = np.eye(3)
   minor = 0.0
@@ -204,7 +215,7 @@ def _moved(primitive: Primitive, delta: np.ndarray) -> Primitive:
 
 
 def sample_asset(seed: int, index: int, max_primitives: int = 4,
-                 patterns=PATTERNS) -> ProceduralAsset:
+                 patterns=PATTERNS, shapes=SHAPES) -> ProceduralAsset:
   """The ``index``-th asset of the procedural dataset with ``seed``.
 
   Args:
@@ -213,19 +224,23 @@ def sample_asset(seed: int, index: int, max_primitives: int = 4,
     max_primitives: most primitives in one asset (at least 1).
     patterns: the surface patterns allowed (a subset of ``PATTERNS``); with
       all of them (the default) assets are those of earlier releases.
+    shapes: the part shapes allowed (a subset of ``SHAPES``: a family of
+      assets); with all of them (the default) assets are those of earlier
+      releases.
 
   Returns:
     A normalised ``ProceduralAsset``; the same arguments give the same asset.
   """
   rng = np.random.default_rng([seed, index, 0x5EED])
   pattern_weights = _pattern_weights(tuple(patterns))
+  shape_weights = _shape_weights(tuple(shapes))
   count = int(rng.choice(np.arange(1, max_primitives + 1),
                          p=_count_weights(max_primitives)))
-  base = _sample_shape(rng, pattern_weights)
+  base = _sample_shape(rng, pattern_weights, shape_weights)
   stack = [base]
   side = []
   for _ in range(count - 1):
-    part = _sample_shape(rng, pattern_weights)
+    part = _sample_shape(rng, pattern_weights, shape_weights)
     if rng.uniform() < 0.55:
       stack.append(part)
     else:

@@ -21,6 +21,10 @@ key                         type          meaning
 ``views/intrinsics``        float x 4V    ``[V, 4]`` normalised (fx, fy, cx, cy)
 ``views/azimuth``           float x V     radians
 ``views/elevation``         float x V     radians
+``surface/points``          float x 3N    optional: ``[N, 3]`` points on the true
+                                          surface, world frame, uniform by area
+                                          (evaluation benchmarks; not in
+                                          ``tfds_features()``, which skips it)
 ==========================  ============  ==========================================
 
 Protos come from the copy bundled with tensorflow-datasets; TensorFlow is not
@@ -74,6 +78,9 @@ class MultiViewRecord:
   quality: float = math.nan
   # Orbit elevation, exact or estimated (NaN if unknown).
   elevation_estimate: float = math.nan
+  # [N, 3] float32 points on the true surface, in the cameras' world frame, uniform by
+  # area (evaluation's geometry scores); None when the record has none.
+  surface: np.ndarray | None = None
 
   @property
   def num_views(self) -> int:
@@ -139,8 +146,14 @@ def serialize(record: MultiViewRecord) -> bytes:
       "views/azimuth": _floats(record.azimuth),
       "views/elevation": _floats(record.elevation),
   }
+  if record.surface is not None:
+    surface = np.asarray(record.surface, np.float32)
+    if surface.ndim != 2 or surface.shape[1] != 3:
+      raise ValueError(f"surface has shape {surface.shape}, want [N, 3]")
+    features["surface/points"] = _floats(surface)
+  # Deterministic: map entries in key order, so equal records are equal bytes.
   return example_pb2.Example(
-      features=feature_pb2.Features(feature=features)).SerializeToString()
+      features=feature_pb2.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def parse(serialized: bytes, min_views: int = 1) -> MultiViewRecord:
@@ -183,13 +196,20 @@ def parse(serialized: bytes, min_views: int = 1) -> MultiViewRecord:
     scalar = lambda key: (float(feature[key].float_list.value[0])
                           if key in feature and feature[key].float_list.value else math.nan)
     orbit = feature["num_orbit_views"].int64_list.value if "num_orbit_views" in feature else []
+    surface = None
+    if "surface/points" in feature:
+      surface = floats("surface/points")
+      if surface.size % 3 or not np.all(np.isfinite(surface)):
+        raise BadRecordError(f"malformed surface points ({surface.size} floats)")
+      surface = surface.reshape(-1, 3)
     return MultiViewRecord(
         asset_id=feature["id"].bytes_list.value[0].decode(),
         caption=feature["caption"].bytes_list.value[0].decode(),
         source=source, images=images, c2w=c2w.reshape(views, 4, 4),
         intrinsics=intrinsics.reshape(views, 4), azimuth=azimuth, elevation=elevation,
         num_orbit_views=int(orbit[0]) if orbit else 0,
-        quality=scalar("quality"), elevation_estimate=scalar("elevation_estimate"))
+        quality=scalar("quality"), elevation_estimate=scalar("elevation_estimate"),
+        surface=surface)
   except BadRecordError:
     raise
   except (IndexError, UnicodeDecodeError) as error:

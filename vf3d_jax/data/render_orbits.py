@@ -32,6 +32,7 @@ from vf3d_jax.data import rasterize
 from vf3d_jax.data import raytrace
 from vf3d_jax.data import records
 from vf3d_jax.data import writer as writer_lib
+from vf3d_jax.evaluation import geometry
 
 _LOG = logging.getLogger(__name__)
 # Settings that change how fast (or whether) records are made, not what they hold.
@@ -128,6 +129,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "rays_per_chunk", "png_threads", "views.num_orbit_views"):
     at_least(field, 1)
   at_least("views.num_random_views", 0)
+  at_least("surface_points", 0)
   require(0 < views.fov_degrees < 180, "views.fov_degrees", "must be in (0, 180) degrees")
   require(views.radius == 0 or views.radius > _MIN_RADIUS, "views.radius",
           f"must be 0 (the distance that keeps the whole [-1, 1]^3 box in view) or more than "
@@ -144,6 +146,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     patterns = _patterns(config.procedural.patterns)
     require(bool(patterns) and set(patterns) <= set(procedural.PATTERNS), "procedural.patterns",
             f"must list some of {','.join(procedural.PATTERNS)} (comma-separated)")
+    shapes = _patterns(config.procedural.shapes)
+    require(bool(shapes) and set(shapes) <= set(procedural.SHAPES), "procedural.shapes",
+            f"must list some of {','.join(procedural.SHAPES)} (comma-separated)")
   else:
     require(bool(_patterns(config.meshes.glob)), "meshes.glob",
             "must give the mesh files, e.g. 'meshes/**/*.glb' (comma-separated globs)")
@@ -156,11 +161,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   writer_lib.check_directory(os.path.join(str(config.output_dir), str(config.name)))
 
 
+def procedural_asset(config, index: int) -> procedural.ProceduralAsset:
+  """Asset ``index`` of a procedural render config."""
+  return procedural.sample_asset(int(config.seed), index, int(config.procedural.max_primitives),
+                                 tuple(_patterns(config.procedural.patterns)),
+                                 tuple(_patterns(config.procedural.shapes)))
+
+
 def _render_procedural(config, indices):
-  """``[(asset_id, caption, rgba [V, R, R, 4] uint8)]`` for procedural assets."""
-  patterns = tuple(_patterns(config.procedural.patterns))
-  assets = [procedural.sample_asset(int(config.seed), i, int(config.procedural.max_primitives),
-                                    patterns) for i in indices]
+  """``[(asset_id, caption, rgba [V, R, R, 4] uint8, surface [N, 3] | None)]`` for
+  procedural assets, and their cameras."""
+  assets = [procedural_asset(config, i) for i in indices]
   cams = [asset_views(config, i) for i in indices]
   # Pad the batch to a fixed size so one compiled function serves every batch.
   padding = int(config.batch_size) - len(assets)
@@ -171,7 +182,11 @@ def _render_procedural(config, indices):
   rgba, _ = raytrace.render_assets(packed, c2w, intrinsics, int(config.resolution),
                                    int(config.supersample), int(config.rays_per_chunk))
   rgba = np.asarray(rgba)[:len(assets)]
-  return [(a.asset_id, a.caption, _to_uint8(x)) for a, x in zip(assets, rgba)], cams
+  count = int(config.surface_points)
+  surfaces = [geometry.sample_procedural_surface(a, count, seed=i) if count else None
+              for a, i in zip(assets, indices)]
+  return [(a.asset_id, a.caption, _to_uint8(x), surface)
+          for a, x, surface in zip(assets, rgba, surfaces)], cams
 
 
 def _render_meshes(config, indices, files: list[str], captions: dict[str, str]):
@@ -195,7 +210,10 @@ def _render_meshes(config, indices, files: list[str], captions: dict[str, str]):
     rgba, _ = rasterize.render_mesh(mesh, views["c2w"], views["intrinsics"],
                                     int(config.resolution), int(config.supersample),
                                     int(config.meshes.raster_window))
-    out.append((mesh.asset_id, mesh.caption, _to_uint8(np.asarray(rgba))))
+    surface = None
+    if config.surface_points:
+      surface = geometry.sample_triangle_surface(mesh.corners, int(config.surface_points), seed=i)
+    out.append((mesh.asset_id, mesh.caption, _to_uint8(np.asarray(rgba)), surface))
     cams.append(views)
   return out, cams
 
@@ -276,14 +294,14 @@ def render_dataset(config: ml_collections.ConfigDict) -> str:
           for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             rendered, cams = render(config, batch)
-            for (asset_id, caption, rgba), views in zip(rendered, cams):
+            for (asset_id, caption, rgba, surface), views in zip(rendered, cams):
               images = list(pool.map(records.encode_png, list(rgba)))
               sink.write(records.serialize(records.MultiViewRecord(
                   asset_id=asset_id, caption=caption, source="3d", images=images,
                   c2w=views["c2w"], intrinsics=views["intrinsics"],
                   azimuth=views["azimuth"], elevation=views["elevation"],
                   num_orbit_views=int(config.views.num_orbit_views), quality=math.nan,
-                  elevation_estimate=float(views["orbit_elevation"]))))
+                  elevation_estimate=float(views["orbit_elevation"]), surface=surface)))
             skipped += len(batch) - len(rendered)
             if progress is not None:
               if skipped:
