@@ -82,10 +82,17 @@ class Reconstructor:
     self._render = jax.jit(renderer.render_views, static_argnames=("resolution", "options"))
     self.decoder_params = params["synthesizer"]["decoder"]
 
-  def planes(self, image: np.ndarray) -> jax.Array:
-    """``[S, S, 3]`` -> ``[3, H, W, C]``, conditioned on the default source camera."""
-    camera = jnp.asarray(cameras.DEFAULT_SOURCE_CAMERA)[None]
-    return self._planes(self.params, jnp.asarray(image)[None], camera)[0]
+  def planes(self, image: np.ndarray, camera: np.ndarray | None = None) -> jax.Array:
+    """``[S, S, 3]`` -> ``[3, H, W, C]``, conditioned on ``camera`` (``[16]``; default: the
+    default source camera)."""
+    camera = cameras.DEFAULT_SOURCE_CAMERA if camera is None else camera
+    return self._planes(self.params, jnp.asarray(image)[None], jnp.asarray(camera)[None])[0]
+
+  def render_cameras(self, planes: jax.Array, c2w, intrinsics, resolution: int,
+                     key: jax.Array | None = None) -> dict[str, jax.Array]:
+    """``render_views`` of ``planes`` from ``c2w [V, 4, 4]``, ``intrinsics [V, 4]``."""
+    return self._render(self.decoder_params, planes, jnp.asarray(c2w), jnp.asarray(intrinsics),
+                        resolution=resolution, key=key, options=self.render_options)
 
   def turntable_cameras(self, key: jax.Array | None):
     """``([V, 4, 4], [V, 4])``: the orbit, its angle offset ~ U(0, 1 degree) unless deterministic."""
