@@ -218,6 +218,27 @@ def _render_meshes(config, indices, files: list[str], captions: dict[str, str]):
   return out, cams
 
 
+def _serialize(config, rendered, views, map_fn=map) -> bytes:
+  """One rendered asset's record bytes."""
+  asset_id, caption, rgba, surface = rendered
+  return records.serialize(records.MultiViewRecord(
+      asset_id=asset_id, caption=caption, source="3d",
+      images=list(map_fn(records.encode_png, list(rgba))),
+      c2w=views["c2w"], intrinsics=views["intrinsics"],
+      azimuth=views["azimuth"], elevation=views["elevation"],
+      num_orbit_views=int(config.views.num_orbit_views), quality=math.nan,
+      elevation_estimate=float(views["orbit_elevation"]), surface=surface))
+
+
+def asset_record(config, index: int) -> bytes:
+  """The record bytes ``render_dataset`` writes for procedural asset ``index``."""
+  validate_config(config)
+  if config.source != "procedural":
+    raise ValueError("asset_record renders procedural assets only")
+  rendered, cams = _render_procedural(config, [index])
+  return _serialize(config, rendered[0], cams[0])
+
+
 def _to_uint8(rgba: np.ndarray) -> np.ndarray:
   return np.round(np.clip(rgba, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -294,14 +315,8 @@ def render_dataset(config: ml_collections.ConfigDict) -> str:
           for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             rendered, cams = render(config, batch)
-            for (asset_id, caption, rgba, surface), views in zip(rendered, cams):
-              images = list(pool.map(records.encode_png, list(rgba)))
-              sink.write(records.serialize(records.MultiViewRecord(
-                  asset_id=asset_id, caption=caption, source="3d", images=images,
-                  c2w=views["c2w"], intrinsics=views["intrinsics"],
-                  azimuth=views["azimuth"], elevation=views["elevation"],
-                  num_orbit_views=int(config.views.num_orbit_views), quality=math.nan,
-                  elevation_estimate=float(views["orbit_elevation"]), surface=surface)))
+            for item, views in zip(rendered, cams):
+              sink.write(_serialize(config, item, views, pool.map))
             skipped += len(batch) - len(rendered)
             if progress is not None:
               if skipped:

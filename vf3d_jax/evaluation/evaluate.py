@@ -598,13 +598,12 @@ def evaluate(config, checkpoint: str, data: str, output: str,
   validate_config(config)
   benchmark = find_benchmark(data, config.eval.splits)
   infer_pipeline.check_output(output)
-  settings = _settings(config, checkpoint, data)
-  rows = _open_rows(output, settings)
-  done = {(r["split"], r["id"]) for r in rows}
   lpips_params = None
   if benchmark.kind == "records":
     lpips_params = lpips_lib.resolve_lpips_params(config.eval.lpips_weights)
   clip_scorers = load_clip_scorers(config.clip.models)
+  rows = _open_rows(output, _settings(config, checkpoint, data))
+  done = {(r["split"], r["id"]) for r in rows}
   with jax.default_matmul_precision(config.get("precision", "highest")):
     arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)
     scorer = Scorer(arch, params, config, clip_scorers, lpips_params)
