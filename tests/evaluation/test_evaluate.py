@@ -95,6 +95,15 @@ def test_a_rerun_resumes_and_other_settings_are_refused(bench, scored, tmp_path)
   assert [r["id"] for r in resumed] == [json.loads(l)["id"] for l in lines]
 
 
+def test_progress_is_a_line_per_split_in_a_log(bench, scored, capsys):
+  data, _ = bench
+  output, _ = scored
+  evaluate.evaluate(_config(), DEMO_CHECKPOINT, data, output)  # resumes: nothing to score
+  lines = capsys.readouterr().err.splitlines()
+  assert [l.split("|")[0] for l in lines if "object/s" in l or "s/object" in l] == [
+      "seen:   0%", "seen: 100%", "unseen:   0%", "unseen: 100%"], lines
+
+
 def test_novel_cameras_see_the_surface_where_the_record_does(bench):
   """The model-frame cameras and the world transform agree with the record's own cameras."""
   data, _ = bench

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import sys
 
 import ml_collections
 import numpy as np
@@ -33,6 +32,7 @@ from vf3d_jax.data import raytrace
 from vf3d_jax.data import records
 from vf3d_jax.data import writer as writer_lib
 from vf3d_jax.evaluation import geometry
+from vf3d_jax import progress as progress_lib
 
 _LOG = logging.getLogger(__name__)
 # Settings that change how fast (or whether) records are made, not what they hold.
@@ -243,21 +243,6 @@ def _to_uint8(rgba: np.ndarray) -> np.ndarray:
   return np.round(np.clip(rgba, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-class _LogLines:
-  """A stream for tqdm that writes each refresh as a line (for logs, not terminals)."""
-
-  def __init__(self, stream):
-    self._stream = stream
-
-  def write(self, text: str) -> None:
-    text = text.replace("\r", "").rstrip()
-    if text:
-      self._stream.write(text + "\n")
-
-  def flush(self) -> None:
-    self._stream.flush()
-
-
 def _progress_bar(config, total: int, done: int):
   """Assets done / total with rate and ETA on stderr, or None with ``config.progress`` off.
 
@@ -265,12 +250,7 @@ def _progress_bar(config, total: int, done: int):
   """
   if not config.progress:
     return None
-  import tqdm  # pylint: disable=g-import-not-at-top
-  terminal = sys.stderr.isatty()
-  return tqdm.tqdm(total=total, initial=done, unit="asset", desc=str(config.name),
-                   file=sys.stderr if terminal else _LogLines(sys.stderr),
-                   mininterval=0.5 if terminal else 60.0, ascii=not terminal,
-                   dynamic_ncols=terminal)
+  return progress_lib.bar(total=total, initial=done, unit="asset", desc=str(config.name))
 
 
 def render_dataset(config: ml_collections.ConfigDict) -> str:

@@ -80,6 +80,7 @@ from PIL import Image
 import tqdm
 
 from vf3d_jax import pretrained
+from vf3d_jax import progress as progress_lib
 from vf3d_jax.data import pipeline as data_pipeline
 from vf3d_jax.data import records
 from vf3d_jax.data import views as views_lib
@@ -585,8 +586,11 @@ def load_clip_scorers(models: str) -> list[Any]:
 
 
 def evaluate(config, checkpoint: str, data: str, output: str,
-             progress: bool | None = None) -> dict[str, Any]:
+             progress: bool = True) -> dict[str, Any]:
   """Scores the model at ``checkpoint`` on ``data``; writes and returns the summary.
+
+  Progress (objects done / total, rate, ETA) goes to stderr unless ``progress``
+  is False: a bar on a terminal, a line a minute into a log.
 
   Everything the user named (settings, data, output folder, CLIP folders, LPIPS
   weights) is checked before the model loads.
@@ -622,8 +626,8 @@ def evaluate(config, checkpoint: str, data: str, output: str,
           prompts = read_prompts(items)
           stream = ((os.path.basename(p), p) for p in items)
           total = len(items)
-        bar = tqdm.tqdm(stream, total=total, desc=split, unit="object",
-                        disable=infer_pipeline.no_bar(progress))
+        bar = (progress_lib.bar(stream, total=total, desc=split, unit="object")
+               if progress is not False else stream)
         for object_id, item in bar:
           load_seconds = time.perf_counter() - start if benchmark.kind == "records" else 0.0
           want_picture = len(pictures[split]) < int(config.eval.sheet_objects)
