@@ -67,6 +67,9 @@ def test_scores_every_object_with_intervals_and_pictures(scored):
       assert s["mean"] == pytest.approx(np.mean(values)) and s["n"] == 4
       assert s["median"] == pytest.approx(np.median(values))
       assert s["ci"][0] <= s["mean"] <= s["ci"][1]
+    assert set(part["metrics"]) == {"psnr", "ssim", "iou", "lpips", "accuracy", "completeness",
+                                    "chamfer"} | {f"{m}@{t}" for m in ("precision", "recall", "fscore")
+                                                  for t in (0.05, 0.1)}
   assert json.load(open(os.path.join(output, "summary.json"))) == summary
   assert "| psnr ↑ |" in open(os.path.join(output, "summary.md")).read()
   sheet = np.asarray(Image.open(os.path.join(output, "sheet_unseen.png")))

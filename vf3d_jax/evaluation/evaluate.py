@@ -438,11 +438,11 @@ def bootstrap_interval(values: np.ndarray, samples: int, confidence: float,
 
 
 def metric_names(rows: Sequence[dict]) -> list[str]:
-  skip = {"split", "id", "caption", "views", "seconds", "mesh_vertices"}
+  skip = {"split", "id", "caption", "views", "seconds", "mesh_vertices", "compiles"}
   names = []
   for row in rows:
     names += [k for k, v in row.items() if k not in skip and k not in names
-              and (v is None or isinstance(v, (int, float)))]
+              and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
   return names
 
 
