@@ -4,7 +4,8 @@ The conversion is one table, :data:`RULES` (see :mod:`vf3d_jax.weights.rules`):
 a regular expression over our parameter paths (``/``-joined), the checkpoint key
 it corresponds to, and the transform from the checkpoint's tensor layout to
 ours. The same table converts back (:func:`to_state_dict`), so checkpoints
-round-trip.
+round-trip. Its DINOv2 rows come from :func:`dinov2_rules`, which also reads
+transformers' ``Dinov2Model`` files (``vf3d_jax.engine.features.load_dinov2``).
 
 The architecture is read off the checkpoint's shapes (:func:`infer_arch`), so
 any checkpoint of this family loads; head counts are not visible in shapes and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Mapping
 
 import jax
@@ -32,34 +34,55 @@ from vf3d_jax.weights.state_dict import (CheckpointError, read_safetensors_metad
 ARCH_METADATA_KEY = "vf3d_jax.arch"
 
 _ENC = "encoder.model"
-_LAYER = r"encoder/layer_(\d+)"
 _BLOCK = r"transformer/layers_(\d+)"
+
+
+def dinov2_rules(key_prefix: str, path_prefix: str) -> tuple[Rule, ...]:
+  """The rules of a DINOv2 encoder in transformers' ``Dinov2Model`` key layout.
+
+  One source for every file holding such an encoder: the VFusion3D checkpoint
+  (``dinov2_rules("encoder.model", "encoder")``, inside the LRM) and a
+  ``Dinov2Model.save_pretrained`` folder (``dinov2_rules("", "")``, a
+  standalone :class:`~vf3d_jax.models.dinov2.Dinov2Encoder`).
+
+  Args:
+    key_prefix: what the checkpoint keys start with (without the trailing dot);
+      ``""`` for none.
+    path_prefix: our parameter path of the encoder module (without the trailing
+      ``/``); ``""`` for a standalone encoder.
+  """
+  k = f"{key_prefix}." if key_prefix else ""
+  p = f"{re.escape(path_prefix)}/" if path_prefix else ""
+  layer = p + r"layer_(\d+)"
+  return (
+      (p + r"embeddings/(cls_token|mask_token|position_embeddings)", k + r"embeddings.\1", SAME),
+      (p + r"embeddings/patch_embeddings/projection/kernel",
+       k + "embeddings.patch_embeddings.projection.weight", CONV),
+      (p + r"embeddings/patch_embeddings/projection/bias",
+       k + "embeddings.patch_embeddings.projection.bias", SAME),
+      (layer + r"/(norm[12])/scale", k + r"encoder.layer.\1.\2.weight", SAME),
+      (layer + r"/(norm[12])/bias", k + r"encoder.layer.\1.\2.bias", SAME),
+      (layer + r"/attention/(query|key|value)/kernel",
+       k + r"encoder.layer.\1.attention.attention.\2.weight", LINEAR),
+      (layer + r"/attention/(query|key|value)/bias",
+       k + r"encoder.layer.\1.attention.attention.\2.bias", SAME),
+      (layer + r"/attention/output/kernel", k + r"encoder.layer.\1.attention.output.dense.weight",
+       LINEAR),
+      (layer + r"/attention/output/bias", k + r"encoder.layer.\1.attention.output.dense.bias",
+       SAME),
+      (layer + r"/(layer_scale[12])", k + r"encoder.layer.\1.\2.lambda1", SAME),
+      (layer + r"/(fc[12])/kernel", k + r"encoder.layer.\1.mlp.\2.weight", LINEAR),
+      (layer + r"/(fc[12])/bias", k + r"encoder.layer.\1.mlp.\2.bias", SAME),
+      (p + r"layernorm/scale", k + "layernorm.weight", SAME),
+      (p + r"layernorm/bias", k + "layernorm.bias", SAME),
+  )
+
 
 # (our parameter path, checkpoint key, transform). Paths are full-match regexes;
 # keys use their groups.
 RULES: tuple[Rule, ...] = (
     # DINOv2 encoder.
-    (r"encoder/embeddings/(cls_token|mask_token|position_embeddings)",
-     _ENC + r".embeddings.\1", SAME),
-    (r"encoder/embeddings/patch_embeddings/projection/kernel",
-     _ENC + ".embeddings.patch_embeddings.projection.weight", CONV),
-    (r"encoder/embeddings/patch_embeddings/projection/bias",
-     _ENC + ".embeddings.patch_embeddings.projection.bias", SAME),
-    (_LAYER + r"/(norm[12])/scale", _ENC + r".encoder.layer.\1.\2.weight", SAME),
-    (_LAYER + r"/(norm[12])/bias", _ENC + r".encoder.layer.\1.\2.bias", SAME),
-    (_LAYER + r"/attention/(query|key|value)/kernel",
-     _ENC + r".encoder.layer.\1.attention.attention.\2.weight", LINEAR),
-    (_LAYER + r"/attention/(query|key|value)/bias",
-     _ENC + r".encoder.layer.\1.attention.attention.\2.bias", SAME),
-    (_LAYER + r"/attention/output/kernel", _ENC + r".encoder.layer.\1.attention.output.dense.weight",
-     LINEAR),
-    (_LAYER + r"/attention/output/bias", _ENC + r".encoder.layer.\1.attention.output.dense.bias",
-     SAME),
-    (_LAYER + r"/(layer_scale[12])", _ENC + r".encoder.layer.\1.\2.lambda1", SAME),
-    (_LAYER + r"/(fc[12])/kernel", _ENC + r".encoder.layer.\1.mlp.\2.weight", LINEAR),
-    (_LAYER + r"/(fc[12])/bias", _ENC + r".encoder.layer.\1.mlp.\2.bias", SAME),
-    (r"encoder/layernorm/scale", _ENC + ".layernorm.weight", SAME),
-    (r"encoder/layernorm/bias", _ENC + ".layernorm.bias", SAME),
+    *dinov2_rules(_ENC, "encoder"),
     # Camera embedder.
     (r"camera_embedder/mlp_(\d)/kernel", r"camera_embedder.mlp.\1.weight", LINEAR),
     (r"camera_embedder/mlp_(\d)/bias", r"camera_embedder.mlp.\1.bias", SAME),

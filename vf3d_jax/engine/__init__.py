@@ -1,0 +1,1 @@
+"""The data engine: features and filters of generated orbit videos."""
