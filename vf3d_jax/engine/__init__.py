@@ -1,0 +1,1 @@
+"""Data engine: filtering generated orbit videos and annotating their camera elevation."""
