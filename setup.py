@@ -37,6 +37,9 @@ setup(
         "imageio-ffmpeg==0.7.0",
         "tqdm>=4.70",
         "tensorboardX>=2.6.5",
+        # The data engine's quality filter: a well-tested SVC with probability calibration
+        # and cross-validation; a hand-written SVM would be worse.
+        "scikit-learn>=1.9,<2",
     ],
     extras_require={
         # Reading PyTorch pickles and running the PyTorch parity tests.

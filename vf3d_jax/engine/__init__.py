@@ -1,1 +1,1 @@
-"""The data engine: features and filters of generated orbit videos."""
+"""The data engine: prompts -> orbit videos -> filtered, elevation-annotated multi-view records."""
