@@ -403,12 +403,16 @@ class QualityFilter:
     if self.model is None:
       raise ValueError("QualityFilter.save: the filter is not fitted")
     path = os.fspath(path)
-    joblib.dump(self.model, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Both files via temporary names: a kill leaves the previous pair or none.
+    joblib.dump(self.model, path + ".tmp")
     sidecar = dict(self.summary, threshold=self.threshold, format=_FORMAT,
-                   model_file=os.path.basename(path), model_sha256=_file_sha256(path))
-    with open(path + ".json", "w") as f:
+                   model_file=os.path.basename(path), model_sha256=_file_sha256(path + ".tmp"))
+    with open(path + ".json.tmp", "w") as f:
       json.dump(sidecar, f, indent=1)
       f.write("\n")
+    os.replace(path + ".tmp", path)
+    os.replace(path + ".json.tmp", path + ".json")
 
   @classmethod
   def load(cls, path: str | os.PathLike, *, feature_dim: int | None = None) -> QualityFilter:
