@@ -212,3 +212,23 @@ def test_a_killed_stage_resumes_without_redoing_shards(video_model, tmp_path):
     np.testing.assert_array_equal(
         engine.load_npz(engine.Workdir(str(workdir)).shard("videos", shard))["videos"],
         engine.load_npz(engine.Workdir(reference).shard("videos", shard))["videos"])
+
+
+def test_first_frames_from_the_image_model_or_the_users_images(video_model, tmp_path):
+  export, _ = video_model
+  config = _config(video_model, **{"frames.source": "model", "frames.model": export})
+  rows = [{"id": engine.prompt_id(p), "prompt": p} for p in ("a red cube", "a blue cone")]
+  models = engine.Models(config)
+  frames = engine.stage_frames(config, models, rows, 0)["frames"]
+  assert frames.shape == (2, SIZE, SIZE, 3) and frames.dtype == np.uint8
+  np.testing.assert_array_equal(frames, engine.stage_frames(config, models, rows, 0)["frames"])
+  assert not np.array_equal(frames, engine.stage_frames(config, models, rows, 1)["frames"])
+  folder = tmp_path / "images"
+  folder.mkdir()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.full((40, 40, 3), (200, 30, 30), np.uint8)).save(folder / f"{rows[0]['id']}.png")
+  config = _config(video_model, **{"frames.source": "images", "frames.images": str(folder)})
+  with pytest.raises(FileNotFoundError, match=rf"no image for prompt {rows[1]['id']}"):
+    engine.stage_frames(config, engine.Models(config), rows, 0)
+  out = engine.stage_frames(config, engine.Models(config), rows[:1], 0)["frames"]
+  np.testing.assert_allclose(out[0].mean(axis=(0, 1)), (200, 30, 30), atol=2)
