@@ -182,6 +182,7 @@ def test_the_automatic_labeller_passes_true_orbits_and_fails_static_ones(video_m
   assert np.mean(scores["static"]["iou"]) < np.mean(scores["true"]["iou"]), scores
 
 
+@pytest.mark.slow
 def test_a_killed_stage_resumes_without_redoing_shards(video_model, tmp_path):
   config = _config(video_model)
   workdir = tmp_path / "killed"
@@ -232,3 +233,44 @@ def test_first_frames_from_the_image_model_or_the_users_images(video_model, tmp_
     engine.stage_frames(config, engine.Models(config), rows, 0)
   out = engine.stage_frames(config, engine.Models(config), rows[:1], 0)["frames"]
   np.testing.assert_allclose(out[0].mean(axis=(0, 1)), (200, 30, 30), atol=2)
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_shards_and_equal_one(video_model, tmp_path):
+  """``--distributed``: 2 processes on this machine share the shards, with no overlap and no gap."""
+  export, orbits = video_model
+  config = _config(video_model)
+  workdir = tmp_path / "two"
+  args = ["--config", "configs/engine.py:tiny", f"--workdir={workdir}",
+          "--stage=prompts,frames,videos", "--config.shard_size=3",
+          "--config.prompts.procedural.num_assets=8",
+          f"--config.prompts.procedural.views.num_orbit_views={FRAMES}",
+          f"--config.video.model={export}", "--config.video.num_steps=2",
+          "--config.video.batch_size=2", "--config.features.input_size=16",
+          f"--config.elevation.train={orbits}", "--config.records.matting=none"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "vf3d_jax.data_engine", *args, "--distributed",
+       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  reports = [json.loads(out) for out, _ in outputs]
+  # Shards 0 and 2 on process 0, shard 1 on process 1.
+  assert [r["videos"]["shards"] for r in reports] == [2, 1]
+  reference = str(tmp_path / "one")
+  engine.run(config, reference, ["prompts", "frames", "videos"], progress=False)
+  for shard in range(3):
+    np.testing.assert_array_equal(
+        engine.load_npz(engine.Workdir(str(workdir)).shard("videos", shard))["videos"],
+        engine.load_npz(engine.Workdir(reference).shard("videos", shard))["videos"])
