@@ -33,6 +33,11 @@ _PROMPTS = flags.DEFINE_integer("prompts", 16, "Prompts timed (after a warm-up s
 _BATCH = flags.DEFINE_integer("batch", 4, "Videos per sampler call (= the shard size here).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Sampler steps.")
 _EXTRACTOR = flags.DEFINE_string("extractor", "random:0", "Feature extractor spec.")
+_ELEVATION = flags.DEFINE_string(
+    "elevation_records", "", "3D orbit records: also fit the elevation MLP on their first views "
+    "(at the video model's frame size) and report its held-out error.")
+_INPUT_SIZE = flags.DEFINE_integer("input_size", 0, "Extractor input size (0: the frame size, "
+                                   "rounded down to a multiple of 8).")
 
 
 def main(argv):
@@ -51,7 +56,7 @@ def main(argv):
     config.video.num_steps = _STEPS.value
     config.video.batch_size = config.shard_size = _BATCH.value
     config.features.extractor = _EXTRACTOR.value
-    config.features.input_size = min(224, spec.resolution // 8 * 8 or 8)
+    config.features.input_size = _INPUT_SIZE.value or min(224, spec.resolution // 8 * 8 or 8)
     config.prompts.procedural.num_assets = _PROMPTS.value + _BATCH.value
     config.prompts.procedural.views.num_orbit_views = spec.num_frames
     config.records.matting = "builtin"
@@ -87,9 +92,19 @@ def main(argv):
   for stage, t in per_video.items():
     print(f"  {stage:9s} {t:8.4f} s/video  {100 * t / total:5.1f}%")
   print(f"  {total:.4f} s/video: {1 / total / devices:.3f} videos/s per device")
-  print(json.dumps({"videos": timed, "seconds_per_video": per_video,
-                    "videos_per_second_per_device": 1 / total / devices,
-                    "platform": jax.devices()[0].platform, "devices": devices}))
+  result = {"videos": timed, "seconds_per_video": per_video,
+            "videos_per_second_per_device": 1 / total / devices,
+            "platform": jax.devices()[0].platform, "devices": devices}
+  if _ELEVATION.value:
+    config.elevation.train = _ELEVATION.value
+    start = time.perf_counter()
+    report = engine.fit_elevation(config, models, None)
+    print(f"elevation MLP on {report['n_train']} + {report['n_val']} records "
+          f"({config.features.extractor}): held-out MAE {report['val_mae_deg']:.2f} deg, "
+          f"median {report['val_median_ae_deg']:.2f} deg (predicting the mean: "
+          f"{report['val_mean_baseline_mae_deg']:.2f} deg); {time.perf_counter() - start:.1f} s")
+    result["elevation"] = report
+  print(json.dumps(result, default=str))
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def test_two_processes_split_the_shards_and_equal_one(video_model, tmp_path):
   outputs = [p.communicate(timeout=600) for p in procs]
   for proc, (_, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]
-  reports = [json.loads(out) for out, _ in outputs]
+  reports = [json.loads(out[out.index("{"):]) for out, _ in outputs]
   # Shards 0 and 2 on process 0, shard 1 on process 1.
   assert [r["videos"]["shards"] for r in reports] == [2, 1]
   reference = str(tmp_path / "one")

@@ -505,8 +505,12 @@ def fit_filter(config, work: Workdir, prompts: list[dict], count: int) -> dict[s
   return report
 
 
-def fit_elevation(config, models: Models, work: Workdir) -> dict[str, Any]:
-  from vf3d_jax.engine import elevation as elevation_lib  # pylint: disable=g-import-not-at-top
+def elevation_training_set(config, extractor, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """First-view features of 3D orbit records (at the videos' frame size) and their elevations.
+
+  Raises:
+    FileNotFoundError: ``elevation.train`` names no records.
+  """
   import grain  # pylint: disable=g-import-not-at-top
   e = config.elevation
   shards = data_pipeline.find_shards(str(e.train)) if e.train else []
@@ -515,7 +519,6 @@ def fit_elevation(config, models: Models, work: Workdir) -> dict[str, Any]:
                             "model's tuning data, with known elevations)")
   source = grain.sources.ArrayRecordDataSource(shards)
   count = min(len(source), int(e.max_records)) if e.max_records else len(source)
-  extractor = models.extractor()
   frames, elevations = [], []
   for i in range(count):
     record = records.parse(source[i])
@@ -524,13 +527,22 @@ def fit_elevation(config, models: Models, work: Workdir) -> dict[str, Any]:
       elevation = float(record.elevation[0])
     frames.append(_to_uint8(_on_white(records.decode_png(record.images[0]))))
     elevations.append(elevation)
-  size = models.video()[1].spec.resolution
   feats = np.asarray(extractor(_resize_frames(np.stack(frames), size)), np.float32)
+  return feats, np.asarray(elevations, np.float32)
+
+
+def fit_elevation(config, models: Models, work: Workdir | None) -> dict[str, Any]:
+  """Fits the elevation MLP (saved in the workdir when given); returns its report."""
+  from vf3d_jax.engine import elevation as elevation_lib  # pylint: disable=g-import-not-at-top
+  e = config.elevation
+  feats, elevations = elevation_training_set(config, models.extractor(),
+                                             models.video()[1].spec.resolution)
   estimator = elevation_lib.ElevationEstimator()
-  report = estimator.fit(feats, np.asarray(elevations, np.float32), hidden=int(e.hidden),
-                         steps=int(e.steps), lr=float(e.lr), weight_decay=float(e.weight_decay),
+  report = estimator.fit(feats, elevations, hidden=int(e.hidden), steps=int(e.steps),
+                         lr=float(e.lr), weight_decay=float(e.weight_decay),
                          seed=int(config.seed), val_fraction=float(e.val_fraction))
-  estimator.save(work.path("elevation"))
+  if work is not None:
+    estimator.save(work.path("elevation"))
   report["train_records"] = str(e.train)
   return report
 
