@@ -133,8 +133,14 @@ def test_real_mesh_files_render_end_to_end(tmp_path):
   config.meshes.captions_file = str(captions)
   config.resolution = 48
   config.supersample = 2
+  config.surface_points = 500
   got = {r.asset_id: r for r in _read(render_orbits.render_dataset(config))}
   assert sorted(got) == ["box", "cone", "sphere"]
+  # The true surface, area-weighted, in the record's world frame: the normalised sphere has radius 1.
+  assert all(r.surface.shape == (500, 3) for r in got.values())
+  radius = np.linalg.norm(got["sphere"].surface, axis=-1)
+  assert radius.min() > 0.97 and radius.max() < 1.0 + 1e-5, (radius.min(), radius.max())
+  assert np.abs(got["box"].surface).max() == pytest.approx(1.0, abs=1e-5)
   assert got["sphere"].caption == "a green ball"
   for record in got.values():
     rgba = np.stack([records.decode_png(png) for png in record.images]).astype(float)
