@@ -319,6 +319,12 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Shard stages.
 
+def _needed(path: str, stage: str) -> str:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: run the {stage} stage first")
+  return path
+
+
 def stage_frames(config, models: Models, rows: list[dict], shard: int) -> dict[str, np.ndarray]:
   f = config.frames
   video_dir, video_model, _, _ = models.video()
@@ -357,7 +363,8 @@ def stage_videos(config, models: Models, rows: list[dict], shard: int,
                  work: Workdir) -> dict[str, np.ndarray]:
   from vf3d_jax.video import sampling  # pylint: disable=g-import-not-at-top
   _, model, params, encoders = models.video()
-  frames = load_npz(work.shard("frames", shard))["frames"].astype(np.float32) / 255.0
+  frames = load_npz(_needed(work.shard("frames", shard), "frames"))["frames"]
+  frames = frames.astype(np.float32) / 255.0
   key = jax.random.fold_in(jax.random.key(int(config.seed)), shard)
   clips = []
   batch = int(config.video.batch_size)
@@ -377,7 +384,7 @@ def stage_videos(config, models: Models, rows: list[dict], shard: int,
 def stage_features(config, models: Models, rows: list[dict], shard: int,
                    work: Workdir) -> dict[str, np.ndarray]:
   from vf3d_jax.engine import features  # pylint: disable=g-import-not-at-top
-  videos = load_npz(work.shard("videos", shard))["videos"]
+  videos = load_npz(_needed(work.shard("videos", shard), "videos"))["videos"]
   per_frame = features.video_features(models.extractor(), videos)
   pooled = features.pool_frames(per_frame)
   return {"first": np.asarray(pooled.first, np.float32), "mean": np.asarray(pooled.mean, np.float32)}
@@ -438,6 +445,11 @@ def stage_records(config, models: Models, rows: list[dict], shard: int, work: Wo
                   count: int) -> dict[str, np.ndarray]:
   from vf3d_jax.engine import elevation as elevation_lib  # pylint: disable=g-import-not-at-top
   from vf3d_jax.engine import quality  # pylint: disable=g-import-not-at-top
+  for needed, stage in ((filter_path(work), "filter"),
+                        (work.path("elevation"), "elevation"),
+                        (work.shard("features", shard), "features")):
+    if not os.path.exists(needed):
+      raise FileNotFoundError(f"{needed}: run the {stage} stage first")
   feats = load_npz(work.shard("features", shard))
   videos = load_npz(work.shard("videos", shard))["videos"]
   quality_filter = models.get("filter", lambda: quality.QualityFilter.load(filter_path(work)))
