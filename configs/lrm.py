@@ -99,7 +99,7 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   # or "random:<seed>" for smoke tests.
   loss.lpips_weights = ""
   loss.lpips_dtype = "float32"
-  loss.mse = 1.0 if tiny else 0.0  # pixel losses (off in the recipe; the tiny CPU run has no VGG)
+  loss.mse = 1.0 if tiny else 0.0  # pixel losses (off in the recipe; tiny trains with MSE instead of LPIPS)
   loss.l1 = 0.0
   loss.opacity = 0.5  # rendered opacity against the foreground mask
   loss.opacity_kind = "mse"
