@@ -108,9 +108,16 @@ def test_end_to_end_and_records_load_with_their_cameras(video_model, tmp_path):
   workdir = str(tmp_path / "run")
   config = _config(video_model)
   engine.run(config, workdir, ["prompts"], progress=False)
+  # Labels that are all good stop the filter; a fit that never finished may change its inputs.
+  all_good = tmp_path / "all_good.csv"
+  all_good.write_text("".join(f"{r['id']},good\n"
+                              for r in engine.read_prompts(engine.Workdir(workdir))))
+  config.labels.source = str(all_good)
+  with pytest.raises(ValueError, match=r"all 8 labelled videos are good; the filter needs both"):
+    engine.run(config, workdir, progress=False)
   config.labels.source = _labels(tmp_path, workdir)
   reports = engine.run(config, workdir, progress=False)
-  assert reports["prompts"]["prompts"] == 8 and reports["videos"]["shards"] == 3
+  assert reports["prompts"]["prompts"] == 8 and reports["videos"]["shards"] == 0  # done above
   assert reports["filter"]["labelled"] == 8 and "cv" in reports["filter"]
   assert reports["elevation"]["val_mae_deg"] is not None
   index = reports["index"]

@@ -494,8 +494,8 @@ def fit_filter(config, work: Workdir, prompts: list[dict], count: int) -> dict[s
     labels = {}
     for shard in range(count):
       rows = shard_prompts(prompts, shard, int(config.shard_size))
-      good = load_npz(work.shard("labels", shard))["good"]
-      labels.update({r["id"]: bool(g) for r, g in zip(rows, good)})
+      iou = load_npz(work.shard("labels", shard))["iou"]
+      labels.update({r["id"]: bool(v >= float(config.labels.min_iou)) for r, v in zip(rows, iou)})
   else:
     labels = quality.read_labels(str(config.labels.source))
   index = {vid: i for i, vid in enumerate(ids)}
@@ -506,7 +506,7 @@ def fit_filter(config, work: Workdir, prompts: list[dict], count: int) -> dict[s
   y = np.array([labels[v] for v in known], bool)
   if y.all() or not y.any():
     raise ValueError(f"labels: all {len(y)} labelled videos are {'good' if y[0] else 'bad'}; "
-                     "the filter needs both kinds")
+                     "the filter needs both kinds (auto labels: change labels.min_iou)")
   quality_filter = quality.QualityFilter(C=float(config.filter.C), seed=int(config.seed))
   report = quality_filter.fit(x, y, cv_folds=int(config.filter.folds))
   quality_filter.save(filter_path(work))
@@ -700,7 +700,7 @@ def stage_inputs(config, stage: str) -> dict[str, Any]:
   elif stage == "features":
     inputs["features"] = c.features.to_dict()
   elif stage == "labels":
-    inputs["labels"] = c.labels.to_dict()
+    inputs["labels"] = {"source": c.labels.source}
   elif stage == "filter":
     inputs.update(filter=c.filter.to_dict(), labels=c.labels.to_dict())
     if c.labels.source not in ("", "auto") and os.path.isfile(str(c.labels.source)):
@@ -751,7 +751,8 @@ def check_stage(config, work: Workdir, stage: str) -> dict[str, Any]:
   if os.path.isfile(path):
     with open(path) as f:
       previous = json.load(f)
-    if previous["fingerprint"] != record["fingerprint"]:
+    unfinished_fit = stage not in SHARD_STAGES and previous.get("finished") is None
+    if previous["fingerprint"] != record["fingerprint"] and not unfinished_fit:
       changed = sorted(k for k in set(previous["inputs"]) | set(record["inputs"])
                        if previous["inputs"].get(k) != record["inputs"].get(k))
       changed += [f"upstream {k}" for k in record["upstream"]
@@ -807,7 +808,8 @@ def run(config, workdir: str, stages: Sequence[str] = STAGES, progress: bool = T
       continue
     record = check_stage(config, work, stage)
     stage_file = work.path("stages", f"{stage}.json")
-    if index == 0 and not os.path.isfile(stage_file):
+    if index == 0 and (not os.path.isfile(stage_file) or
+                       (stage not in SHARD_STAGES and not _finished(stage_file))):
       save_json(stage_file, dict(record, finished=None))  # inputs fixed from the first start
     elif stage not in SHARD_STAGES and stage != "prompts" and _finished(stage_file):
       with open(stage_file) as f:
