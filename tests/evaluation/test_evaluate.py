@@ -224,6 +224,9 @@ def test_command_line_errors_are_one_line(tmp_path):
   images = tmp_path / "images"
   images.mkdir()
   Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(images / "a.png")
+  missing = tmp_path / "no.safetensors"
+  result = run("--data", str(images), "--output", str(tmp_path / "out"), f"--checkpoint={missing}")
+  assert result.stderr == f"error: --checkpoint {missing}: no such file or folder\n"
   result = run("--data", str(images), "--output", str(tmp_path / "out"),
                f"--config.clip.models={clip}")
   assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr

@@ -602,6 +602,8 @@ def evaluate(config, checkpoint: str, data: str, output: str,
   validate_config(config)
   benchmark = find_benchmark(data, config.eval.splits)
   infer_pipeline.check_output(output)
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
   lpips_params = None
   if benchmark.kind == "records":
     lpips_params = lpips_lib.resolve_lpips_params(config.eval.lpips_weights)
