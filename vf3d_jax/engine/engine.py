@@ -21,9 +21,11 @@ Stages, in order (each also runs alone with ``--stage``):
    first frame's (elevation) and the frame mean (quality).
 5. ``labels`` (procedural prompts with ``labels.source="auto"``): the
    automatic labeller, a stand-in for the paper's 2,000 hand labels: it renders
-   the prompt's true orbit and calls a video good when the mean silhouette IoU
-   of its frames 1..F-1 against the true frames reaches ``labels.min_iou``
-   (the video model's own consistency score, ``video_trainer``).
+   the prompt's true orbit and scores the mean silhouette IoU of the video's
+   frames 1..F-1 against the true frames (the video model's own consistency
+   score, ``video_trainer``); the filter stage calls a video good when that
+   reaches ``labels.min_iou``. Silhouettes cannot see a round object turn
+   about its axis.
 6. ``filter``: an RBF SVM on the mean features, fitted on the labelled videos
    (``labels.source``: a labels file, or the automatic labels), with its
    cross-validated accuracy; every video gets its decision value as score.
