@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.engine.test_quality import _one_line_error
 from vf3d_jax.engine.elevation import ElevationEstimator
 
 
@@ -105,14 +106,6 @@ def test_save_load_round_trip(tmp_path):
   np.testing.assert_array_equal(loaded.std, est.std)
   np.testing.assert_array_equal(loaded.predict(x), est.predict(x))
   assert loaded.report == report
-
-
-def _one_line_error(fn, *args, **kwargs) -> str:
-  with pytest.raises(ValueError) as info:
-    fn(*args, **kwargs)
-  message = str(info.value)
-  assert "\n" not in message
-  return message
 
 
 def test_refusals(tmp_path):

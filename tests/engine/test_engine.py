@@ -70,6 +70,18 @@ def _config(video_model, **overrides):
   return config
 
 
+def _command_line(video_model):
+  """``_config``'s settings as data_engine flags."""
+  export, orbits = video_model
+  return ["--config", "configs/engine.py:tiny", "--config.shard_size=3",
+          "--config.prompts.procedural.num_assets=8",
+          f"--config.prompts.procedural.views.num_orbit_views={FRAMES}",
+          f"--config.video.model={export}", "--config.video.num_steps=2",
+          "--config.video.batch_size=2", "--config.features.input_size=16",
+          f"--config.elevation.train={orbits}", "--config.elevation.steps=50",
+          "--config.records.matting=none"]
+
+
 def _labels(tmp_path, workdir):
   """Planted hand labels: every other video good."""
   rows = engine.read_prompts(engine.Workdir(workdir))
@@ -189,20 +201,22 @@ def test_the_automatic_labeller_passes_true_orbits_and_fails_static_ones(video_m
   assert np.mean(scores["static"]["iou"]) < np.mean(scores["true"]["iou"]), scores
 
 
+def _assert_videos_equal_a_straight_run(config, workdir: str, reference: str):
+  """Every video shard of ``workdir`` equals one process's uninterrupted run in ``reference``."""
+  engine.run(config, reference, ["prompts", "frames", "videos"], progress=False)
+  for shard in range(3):
+    np.testing.assert_array_equal(
+        engine.load_npz(engine.Workdir(workdir).shard("videos", shard))["videos"],
+        engine.load_npz(engine.Workdir(reference).shard("videos", shard))["videos"])
+
+
 @pytest.mark.slow
 def test_a_killed_stage_resumes_without_redoing_shards(video_model, tmp_path):
   config = _config(video_model)
   workdir = tmp_path / "killed"
   engine.run(config, str(workdir), ["prompts", "frames"], progress=False)
-  export, orbits = video_model
-  args = [sys.executable, "-m", "vf3d_jax.data_engine", "--config", "configs/engine.py:tiny",
-          f"--workdir={workdir}", "--stage=videos", "--config.shard_size=3",
-          "--config.prompts.procedural.num_assets=8",
-          f"--config.prompts.procedural.views.num_orbit_views={FRAMES}",
-          f"--config.video.model={export}", "--config.video.num_steps=2",
-          "--config.video.batch_size=2", "--config.features.input_size=16",
-          f"--config.elevation.train={orbits}", "--config.elevation.steps=50",
-          "--config.records.matting=none"]
+  args = [sys.executable, "-m", "vf3d_jax.data_engine", f"--workdir={workdir}", "--stage=videos",
+          *_command_line(video_model)]
   process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   first = engine.Workdir(str(workdir)).shard("videos", 0)
   deadline = time.time() + 300
@@ -214,12 +228,7 @@ def test_a_killed_stage_resumes_without_redoing_shards(video_model, tmp_path):
   stamp = os.stat(first).st_mtime_ns
   report = engine.run(config, str(workdir), ["videos"], progress=False)
   assert report["videos"]["shards"] < 3 and os.stat(first).st_mtime_ns == stamp
-  reference = str(tmp_path / "straight")
-  engine.run(config, reference, ["prompts", "frames", "videos"], progress=False)
-  for shard in range(3):
-    np.testing.assert_array_equal(
-        engine.load_npz(engine.Workdir(str(workdir)).shard("videos", shard))["videos"],
-        engine.load_npz(engine.Workdir(reference).shard("videos", shard))["videos"])
+  _assert_videos_equal_a_straight_run(config, str(workdir), str(tmp_path / "straight"))
 
 
 def test_first_frames_from_the_image_model_or_the_users_images(video_model, tmp_path):
@@ -252,16 +261,9 @@ def _free_port():
 @pytest.mark.slow
 def test_two_processes_split_the_shards_and_equal_one(video_model, tmp_path):
   """``--distributed``: 2 processes on this machine share the shards, with no overlap and no gap."""
-  export, orbits = video_model
   config = _config(video_model)
   workdir = tmp_path / "two"
-  args = ["--config", "configs/engine.py:tiny", f"--workdir={workdir}",
-          "--stage=prompts,frames,videos", "--config.shard_size=3",
-          "--config.prompts.procedural.num_assets=8",
-          f"--config.prompts.procedural.views.num_orbit_views={FRAMES}",
-          f"--config.video.model={export}", "--config.video.num_steps=2",
-          "--config.video.batch_size=2", "--config.features.input_size=16",
-          f"--config.elevation.train={orbits}", "--config.records.matting=none"]
+  args = [f"--workdir={workdir}", "--stage=prompts,frames,videos", *_command_line(video_model)]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
@@ -275,9 +277,4 @@ def test_two_processes_split_the_shards_and_equal_one(video_model, tmp_path):
   reports = [json.loads(out[out.index("{"):]) for out, _ in outputs]
   # Shards 0 and 2 on process 0, shard 1 on process 1.
   assert [r["videos"]["shards"] for r in reports] == [2, 1]
-  reference = str(tmp_path / "one")
-  engine.run(config, reference, ["prompts", "frames", "videos"], progress=False)
-  for shard in range(3):
-    np.testing.assert_array_equal(
-        engine.load_npz(engine.Workdir(str(workdir)).shard("videos", shard))["videos"],
-        engine.load_npz(engine.Workdir(reference).shard("videos", shard))["videos"])
+  _assert_videos_equal_a_straight_run(config, str(workdir), str(tmp_path / "one"))

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vf3d_jax.engine import checks
+
 _FORMAT = "vf3d_jax.elevation_mlp/1"
 _PARAMS_FILE = "params.npz"
 _CONFIG_FILE = "elevation.json"
@@ -70,17 +72,7 @@ def _predict(module: ElevationMLP, params: Any, mean: jax.Array, std: jax.Array,
 
 
 def _check_features(name: str, features: Any, feature_dim: int | None = None) -> np.ndarray:
-  x = np.asarray(features)
-  if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
-    raise ValueError(f"{name}: expected numeric features [N, D] with N >= 1, "
-                     f"got shape {x.shape} dtype {x.dtype}")
-  if feature_dim is not None and x.shape[1] != feature_dim:
-    raise ValueError(f"{name}: the estimator was fitted on {feature_dim}-D features, "
-                     f"got {x.shape[1]}-D")
-  x = x.astype(np.float32)
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name}: features contain NaN or inf")
-  return x
+  return checks.check_features(name, features, feature_dim, fitted="estimator", dtype=np.float32)
 
 
 def _abs_error_deg(pred: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from vf3d_jax.engine import checks
+
 _LABEL_WORDS = {"good": True, "true": True, "1": True,
                 "bad": False, "false": False, "0": False}
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -172,17 +174,7 @@ def _major_minor(version: str) -> str:
 
 
 def _check_features(name: str, features: Any, feature_dim: int | None = None) -> np.ndarray:
-  x = np.asarray(features)
-  if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
-    raise ValueError(f"{name}: expected numeric features [N, D] with N >= 1, "
-                     f"got shape {x.shape} dtype {x.dtype}")
-  if feature_dim is not None and x.shape[1] != feature_dim:
-    raise ValueError(f"{name}: the filter was fitted on {feature_dim}-D features, "
-                     f"got {x.shape[1]}-D")
-  x = x.astype(np.float64)
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name}: features contain NaN or inf")
-  return x
+  return checks.check_features(name, features, feature_dim, fitted="filter", dtype=np.float64)
 
 
 def _check_labels(name: str, labels: Any, n: int) -> np.ndarray:
