@@ -9,13 +9,22 @@ Variants:
 * ``fast``: the same outputs with bfloat16 model compute, bfloat16 planes and
   decoder matmuls in the renderer (GPU/TPU).
 * ``demo``: small sizes for a CPU: 40 views at 128x128, 128^3 mesh grid; the
-  embedded tiny model when no checkpoint is given.
+  embedded toy models of ``examples/`` (the LRM when no checkpoint is given,
+  and the image and video models of text -> 3D).
+
+Text -> 3D (``--prompt``) samples a first frame with ``text.image_model``, an
+orbit video with ``text.video_model``, then reconstructs the first frame
+(vf3d_jax/inference/text_to_3d.py).
 
   python -m vf3d_jax.infer --checkpoint model.safetensors --image photos/ --output out/
   python -m vf3d_jax.infer --config configs/infer.py:fast --config.render.num_views=80 ...
 """
 
+import os
+
 import ml_collections
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
@@ -62,6 +71,20 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   c.mesh.format = "obj"  # obj, glb or ply
   c.mesh.chunk = 2 ** 21  # grid points per query
 
+  t = c.text = ml_collections.ConfigDict()
+  # Exported models of `python -m vf3d_jax.train_video` (stage "image", then stage "video").
+  t.image_model = ""
+  t.video_model = ""
+  t.fps = 8  # orbit.mp4
+  t.sample = ml_collections.ConfigDict()  # vf3d_jax.video.sampling.SampleOptions
+  t.sample.sampler = "ddim"
+  t.sample.num_steps = 25
+  t.sample.eta = 0.0
+  t.sample.image_scale = 2.0
+  t.sample.text_scale = 5.0
+  t.sample.guidance_rescale = 0.0
+  t.sample.replace_first_frame = True
+
   if arg == "fast":
     c.model.dtype = "bfloat16"
     c.render.mlp_dtype = "bfloat16"
@@ -71,4 +94,8 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
     c.render.resolution = 128
     c.render.fps = 20
     c.mesh.resolution = 128
+    t.image_model = os.path.join(EXAMPLES, "image_model")
+    t.video_model = os.path.join(EXAMPLES, "video_model")
+    t.sample.num_steps = 20
+    t.sample.text_scale = 2.0
   return c

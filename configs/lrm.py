@@ -36,6 +36,9 @@ VARIANTS = {
     "tiny": _arch(encoder=dict(width=64, depth=2, heads=2, mlp_dim=128, patch_size=8, pos_grid=8),
                   camera_embed_dim=64, width=64, layers=2, heads=2, mlp_dim=128,
                   triplane_res=8, triplane_channels=16, decoder_hidden=32, input_size=64),
+    "toy": _arch(encoder=dict(width=128, depth=4, heads=4, mlp_dim=256, patch_size=8, pos_grid=8),
+                 camera_embed_dim=128, width=128, layers=4, heads=4, mlp_dim=256,
+                 triplane_res=16, triplane_channels=32, decoder_hidden=32, input_size=64),
 }
 
 
@@ -46,13 +49,14 @@ STAGES = {
                   (30_000, 384, 128, 64, 64)),
     "small": ((20_000, 128, 128, 48, 48), (20_000, 256, 128, 48, 48)),
     "tiny": ((300, 32, 32, 24, 24), (300, 48, 32, 24, 24)),
+    "toy": ((2000, 64, 32, 24, 24), (1000, 128, 32, 24, 24)),
 }
 
 
 def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   if arg not in VARIANTS:
     raise ValueError(f"unknown LRM variant {arg!r}; choose one of {sorted(VARIANTS)}")
-  tiny = arg == "tiny"
+  tiny = arg in ("tiny", "toy")  # the CPU-sized variants
   config = ml_collections.ConfigDict()
   config.variant = arg
   config.model = _arch() if arg == "vfusion3d" else VARIANTS[arg]
