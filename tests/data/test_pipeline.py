@@ -344,3 +344,27 @@ def test_captions_survive_the_byte_encoding():
   assert pipeline.decode_captions(pipeline.encode_caption(text)[None]) == [text]
   long = "é" * 200  # 400 bytes: cut at a character boundary
   assert pipeline.decode_captions(pipeline.encode_caption(long)[None]) == ["é" * 128]
+
+
+def test_a_fraction_keeps_the_same_first_records_for_every_seed(tmp_path):
+  def record(index):  # every view of record i is one opaque grey, 20 i
+    sampled = orbits.sample_views(orbits.ViewSpec(num_orbit_views=VIEWS, num_random_views=0),
+                                  np.random.default_rng(index))
+    image = records.encode_png(np.full((SIZE, SIZE, 4), (20 * index, 20 * index, 20 * index, 255),
+                                       np.uint8))
+    return records.serialize(records.MultiViewRecord(
+        asset_id=f"grey-{index}", caption="a grey square", source="3d", images=[image] * VIEWS,
+        c2w=sampled["c2w"], intrinsics=sampled["intrinsics"], azimuth=sampled["azimuth"],
+        elevation=sampled["elevation"], num_orbit_views=VIEWS))
+
+  folder = _dataset(tmp_path, "grey", [record(i) for i in range(10)])
+
+  def records_seen(seed, fraction):
+    config = _config((folder, 1.0), batch_size=1, num_epochs=1, seed=seed)
+    config.datasets[0]["fraction"] = fraction
+    return sorted(int(round(float(b["source_image"][0, 0, 0, 0]) * 255 / 20))
+                  for b in pipeline.make_dataset(config))
+
+  assert records_seen(0, 1.0) == list(range(10))
+  assert records_seen(0, 0.5) == records_seen(7, 0.5) == [0, 1, 2, 3, 4]
+  assert records_seen(3, 0.25) == [0, 1]  # round(2.5) = 2 records

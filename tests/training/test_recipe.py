@@ -147,16 +147,23 @@ def test_fsdp_shards_large_tensors_along_a_divisible_axis():
 
 
 def test_dataset_mix_spec():
-  assert lrm_data.parse_datasets("a/b:0.7, c:0.3") == [{"path": "a/b", "weight": 0.7},
-                                                       {"path": "c", "weight": 0.3}]
-  assert lrm_data.parse_datasets("data/x") == [{"path": "data/x", "weight": 1.0}]
+  assert lrm_data.parse_datasets("a/b:0.7, c:0.3") == [
+      {"path": "a/b", "weight": 0.7, "fraction": 1.0}, {"path": "c", "weight": 0.3, "fraction": 1.0}]
+  assert lrm_data.parse_datasets("data/x") == [{"path": "data/x", "weight": 1.0, "fraction": 1.0}]
+  assert lrm_data.parse_datasets("runs/e@0.25:2,d/x@y") == [
+      {"path": "runs/e", "weight": 2.0, "fraction": 0.25},
+      {"path": "d/x@y", "weight": 1.0, "fraction": 1.0}]
+  assert lrm_data.parse_datasets("runs/e@0.5") == [{"path": "runs/e", "weight": 1.0, "fraction": 0.5}]
+  with pytest.raises(ValueError, match="data fraction must be in"):
+    lrm_data.parse_datasets("runs/e@1.5")
   with pytest.raises(ValueError, match="data.train is empty"):
     lrm_data.parse_datasets("")
 
 
 @pytest.mark.parametrize("variant", sorted(lrm_configs.VARIANTS))
 def test_lrm_config_variants_build_with_pinned_sizes(variant):
-  counts = {"vfusion3d": 452_135_700, "small": 69_158_508, "tiny": 258_932}
+  counts = {"vfusion3d": 452_135_700, "small": 69_158_508, "tiny": 258_932,
+            "toy": 1_890_820}
   config = lrm_configs.get_config(variant)
   arch = lrm.LRMArch.from_dict(config.model.to_dict())
   assert lrm.count_params(lrm.param_shapes(arch)) == counts[variant]

@@ -100,7 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
   # "views": source + supervision views (the LRM); "orbit": orbit clips (video).
   config.example = "views"
   # Datasets to mix: each a dict with `path` (a folder of shards, a glob, or a
-  # list of shard files) and `weight` (relative sampling weight).
+  # list of shard files), `weight` (relative sampling weight) and optionally
+  # `fraction` (keep the first fraction of its records).
   config.datasets = [{"path": "", "weight": 1.0}]
   config.seed = 0
   config.batch_size = 8
@@ -393,6 +394,9 @@ def make_map_dataset(config: ml_collections.ConfigDict) -> grain.MapDataset:
     if not paths:
       raise records.BadRecordError(f"no usable shards at {entry['path']!r}")
     dataset = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    fraction = float(entry.get("fraction", 1.0))
+    if fraction < 1.0:  # the first records only (same subset for every seed)
+      dataset = dataset[:max(1, int(round(fraction * len(dataset))))]
     dataset = dataset.map_with_index(_Tag(dataset_index))
     dataset = dataset.shuffle(seed=int(config.seed) * 1009 + dataset_index)
     dataset = dataset.repeat(int(config.num_epochs) or None)

@@ -3,7 +3,9 @@
 ``config.data.train`` names record folders with mixing weights as
 ``"path[:weight],path[:weight]"`` (e.g. ``"data/synthetic:0.7,data/objaverse:0.3"``),
 which keeps phases (pre-training on synthetic data, fine-tuning with more 3D
-data) a one-flag change. The pipeline itself is ``vf3d_jax.data.pipeline``.
+data) a one-flag change. ``path@0.25`` keeps the first quarter of a folder's
+records (data-scale ablations without copying shards). The pipeline itself is
+``vf3d_jax.data.pipeline``.
 """
 
 from __future__ import annotations
@@ -18,17 +20,30 @@ BATCH_KEYS = ("source_image", "source_camera", "render_c2w", "render_intrinsics"
 
 
 def parse_datasets(spec: str) -> list[dict]:
-  """``"a:0.7,b:0.3"`` -> ``[{"path": "a", "weight": 0.7}, {"path": "b", "weight": 0.3}]``."""
+  """``"a:0.7,b@0.5:0.3"`` -> ``[{"path": "a", "weight": 0.7, "fraction": 1.0},
+  {"path": "b", "weight": 0.3, "fraction": 0.5}]``."""
   out = []
   for part in (p.strip() for p in spec.split(",")):
     if not part:
       continue
     path, _, weight = part.rpartition(":")
     try:
-      out.append({"path": path, "weight": float(weight)}) if path else out.append(
-          {"path": part, "weight": 1.0})
+      weight = float(weight) if path else 1.0
     except ValueError:  # a ':' inside the path, no weight
-      out.append({"path": part, "weight": 1.0})
+      path, weight = part, 1.0
+    path = path or part
+    fraction = 1.0
+    head, _, tail = path.rpartition("@")
+    if head:
+      try:
+        fraction = float(tail)
+      except ValueError:  # an '@' inside the path
+        head = ""
+      else:
+        if not 0.0 < fraction <= 1.0:
+          raise ValueError(f"data fraction must be in (0, 1], got {tail!r} in {part!r}")
+        path = head
+    out.append({"path": path, "weight": weight, "fraction": fraction})
   if not out:
     raise ValueError("data.train is empty: give record folders as 'path[:weight],...' "
                      "(make them with `python -m tools.render_orbits`)")
