@@ -92,7 +92,7 @@ stage_lrm() {
     train_lrm a_3d_s$seed $NARROW --config.seed=$seed
     train_lrm b_synth_s$seed $SYNTH --config.seed=$seed
     # (c): (b)'s weights, fine-tuned on 3D renders with the last stage's resolution.
-    train_lrm c_synth_ft_s$seed $NARROW --config.seed=$seed --config.train.init_from=$R/lrm/b_synth_s$seed \
+    train_lrm c_synth_ft_s$seed $NARROW --config.seed=$seed --config.train.init_from=$R/lrm/b_synth_s$seed/model.safetensors \
       --config.train.steps=1000 "--config.train.stages=((1000,128,32,24,24),)" \
       --config.train.lr=1e-3 --config.train.warmup_steps=10
   done
