@@ -13,13 +13,15 @@
 #                   elevation -> synthetic records
 #   LRM           = configs/lrm.py:toy, 3000 steps, for (a) 3D only, (b) synthetic only,
 #                   (c) synthetic then 1000 steps of fine-tuning on 3D; seeds 0 and 1
-# Environment: R (runs folder, default runs/toy), D (data folder, default data), SEEDS (default "0 1").
+# Environment: R (runs folder, default runs/toy), D (data folder, default data), SEEDS (default "0 1"),
+# PROMPTS (engine prompts, default 2000: about 16 s a video on 2 cores, so 9 h; 500 fits 2.3 h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="nice -n 10 .venv/bin/python"
 R=${R:-runs/toy}
 D=${D:-data}
 SEEDS=${SEEDS:-0 1}
+PROMPTS=${PROMPTS:-2000}
 BENCH=$D/benchmarks/procedural_v1
 NARROW=$D/narrow3d/1.0.0            # LRM 3D data: 128^2, 16 orbit + 4 random views
 NARROW_VIDEO=$D/narrow3d_video/1.0.0  # the same assets, 64^2 orbits framed for the video model
@@ -72,7 +74,7 @@ stage_video() {
 
 stage_engine() {
   $PY -m vf3d_jax.data_engine --config configs/engine.py:tiny --workdir $R/engine \
-    --config.prompts.procedural.num_assets=2000 --config.prompts.procedural.seed=4001 \
+    --config.prompts.procedural.num_assets=$PROMPTS --config.prompts.procedural.seed=4001 \
     --config.frames.source=model --config.frames.model=$R/image \
     --config.video.model=$R/video --config.features.extractor=lrm:examples/lrm_tiny.safetensors \
     --config.features.input_size=64 --config.elevation.train=$NARROW_VIDEO --config.labels.min_iou=0.6
