@@ -29,32 +29,32 @@ SINGLE=$D/broad_single/1.0.0         # image stage data
 SYNTH=$R/engine/records
 mkdir -p "$R"
 
-narrow_flags="--config.procedural.shapes=sphere,box,cylinder --config.procedural.max_primitives=3 \
-  --config.num_assets=300 --config.seed=2001 --config.progress=False --config.output_dir=$D"
+NARROW_KINDS=sphere,box,cylinder   # configs/benchmark.py FAMILIES
+UNSEEN_KINDS=ellipsoid,cone,torus
+STAGES="data video engine lrm ablation scale eval"
+# render NAME [flags...]: procedural assets (<= 3 primitives) -> $D/NAME/1.0.0
+render() {
+  local name=$1; shift
+  $PY -m tools.render_orbits --config configs/render.py:procedural --config.name=$name \
+    --config.procedural.max_primitives=3 --config.output_dir=$D --config.progress=False "$@"
+}
+# How the video model sees objects: 64^2 orbits at distance 2.4, no random views.
+VIDEO_VIEWS="--config.resolution=64 --config.supersample=1 --config.views.num_random_views=0 \
+  --config.views.radius=2.4 --config.views.orbit_elevation_min=0.26"
 
 stage_data() {
   $PY -m tools.make_benchmark --config configs/benchmark.py:procedural_v1 \
     --config.output_dir=$D/benchmarks
-  $PY -m tools.render_orbits --config configs/render.py:procedural $narrow_flags \
-    --config.name=narrow3d --config.resolution=128
-  $PY -m tools.render_orbits --config configs/render.py:procedural $narrow_flags \
-    --config.name=narrow3d_video --config.resolution=64 --config.supersample=1 \
-    --config.views.num_random_views=0 --config.views.radius=2.4 --config.views.orbit_elevation_min=0.26
+  local narrow="--config.procedural.shapes=$NARROW_KINDS --config.num_assets=300 --config.seed=2001"
+  render narrow3d $narrow --config.resolution=128
+  render narrow3d_video $narrow $VIDEO_VIEWS
   # Held-out orbits for the video model: new narrow assets, and the kinds 3D data never shows.
-  for split in narrow:2002 unseen:2003; do
-    $PY -m tools.render_orbits --config configs/render.py:procedural --config.name=video_eval_${split%%:*} \
-      --config.procedural.shapes=$([ ${split%%:*} = narrow ] && echo sphere,box,cylinder || echo ellipsoid,cone,torus) \
-      --config.procedural.max_primitives=3 --config.num_assets=32 --config.seed=${split##*:} \
-      --config.resolution=64 --config.supersample=1 --config.views.num_random_views=0 \
-      --config.views.radius=2.4 --config.views.orbit_elevation_min=0.26 \
-      --config.output_dir=$D --config.progress=False
-  done
-  $PY -m tools.render_orbits --config configs/render.py:procedural --config.name=broad_single \
-    --config.num_assets=20000 --config.seed=3001 --config.procedural.max_primitives=3 \
-    --config.resolution=64 --config.supersample=1 --config.views.num_orbit_views=1 \
-    --config.views.num_random_views=0 --config.views.random_azimuth_offset=True \
-    --config.views.radius=2.4 --config.views.orbit_elevation_min=0.26 \
-    --config.output_dir=$D --config.progress=False
+  render video_eval_narrow --config.procedural.shapes=$NARROW_KINDS --config.num_assets=32 \
+    --config.seed=2002 $VIDEO_VIEWS
+  render video_eval_unseen --config.procedural.shapes=$UNSEEN_KINDS --config.num_assets=32 \
+    --config.seed=2003 $VIDEO_VIEWS
+  render broad_single --config.num_assets=20000 --config.seed=3001 $VIDEO_VIEWS \
+    --config.views.num_orbit_views=1 --config.views.random_azimuth_offset=True
 }
 
 stage_video() {
@@ -101,7 +101,7 @@ stage_lrm() {
 }
 
 stage_ablation() {
-  # The recipe on synthetic data, one change at a time (seed 0); the last row is (b).
+  # The recipe on synthetic data, one change at a time (seed 0).
   local base="--config.loss.mse=1 --config.loss.lpips=0 --config.loss.opacity=0 \
     --config.train.camera_noise.rotation_deg=0 --config.train.camera_noise.translation=0 \
     --config.train.camera_noise.focal=0"
@@ -126,8 +126,8 @@ stage_eval() {
   done
 }
 
-stages=${*:-data video engine lrm ablation scale eval}
-[ "$stages" = all ] && stages="data video engine lrm ablation scale eval"
+stages=${*:-all}
+[ "$stages" = all ] && stages=$STAGES
 for s in $stages; do
   echo "== $s ($(date -u +%H:%M))"
   stage_$s

@@ -29,12 +29,13 @@ def _pattern(view: int) -> np.ndarray:
   return image.astype(np.uint8)
 
 
-def _record(index: int, source: str = "3d", num_views: int = VIEWS) -> bytes:
+def _record(index: int, source: str = "3d", num_views: int = VIEWS, images=None) -> bytes:
   sampled = orbits.sample_views(orbits.ViewSpec(num_orbit_views=num_views, num_random_views=0),
                                 np.random.default_rng(index))
+  images = [_pattern(v) for v in range(num_views)] if images is None else images
   return records.serialize(records.MultiViewRecord(
       asset_id=f"{source}-{index}", caption="a test asset", source=source,
-      images=[records.encode_png(_pattern(v)) for v in range(num_views)],
+      images=[records.encode_png(image) for image in images],
       c2w=sampled["c2w"], intrinsics=sampled["intrinsics"], azimuth=sampled["azimuth"],
       elevation=sampled["elevation"], num_orbit_views=num_views))
 
@@ -348,14 +349,8 @@ def test_captions_survive_the_byte_encoding():
 
 def test_a_fraction_keeps_the_same_first_records_for_every_seed(tmp_path):
   def record(index):  # every view of record i is one opaque grey, 20 i
-    sampled = orbits.sample_views(orbits.ViewSpec(num_orbit_views=VIEWS, num_random_views=0),
-                                  np.random.default_rng(index))
-    image = records.encode_png(np.full((SIZE, SIZE, 4), (20 * index, 20 * index, 20 * index, 255),
-                                       np.uint8))
-    return records.serialize(records.MultiViewRecord(
-        asset_id=f"grey-{index}", caption="a grey square", source="3d", images=[image] * VIEWS,
-        c2w=sampled["c2w"], intrinsics=sampled["intrinsics"], azimuth=sampled["azimuth"],
-        elevation=sampled["elevation"], num_orbit_views=VIEWS))
+    grey = np.full((SIZE, SIZE, 4), (20 * index, 20 * index, 20 * index, 255), np.uint8)
+    return _record(index, images=[grey] * VIEWS)
 
   folder = _dataset(tmp_path, "grey", [record(i) for i in range(10)])
 

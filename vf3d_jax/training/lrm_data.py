@@ -19,6 +19,15 @@ BATCH_KEYS = ("source_image", "source_camera", "render_c2w", "render_intrinsics"
               "render_mask", "crop", "background")
 
 
+def _number_suffix(text: str, separator: str) -> tuple[str, float | None]:
+  """``"a@0.5"`` -> ``("a", 0.5)``; ``(text, None)`` when no number follows the last separator."""
+  head, _, tail = text.rpartition(separator)
+  try:
+    return (head, float(tail)) if head else (text, None)
+  except ValueError:  # the separator is part of the path
+    return text, None
+
+
 def parse_datasets(spec: str) -> list[dict]:
   """``"a:0.7,b@0.5:0.3"`` -> ``[{"path": "a", "weight": 0.7, "fraction": 1.0},
   {"path": "b", "weight": 0.3, "fraction": 0.5}]``."""
@@ -26,24 +35,12 @@ def parse_datasets(spec: str) -> list[dict]:
   for part in (p.strip() for p in spec.split(",")):
     if not part:
       continue
-    path, _, weight = part.rpartition(":")
-    try:
-      weight = float(weight) if path else 1.0
-    except ValueError:  # a ':' inside the path, no weight
-      path, weight = part, 1.0
-    path = path or part
-    fraction = 1.0
-    head, _, tail = path.rpartition("@")
-    if head:
-      try:
-        fraction = float(tail)
-      except ValueError:  # an '@' inside the path
-        head = ""
-      else:
-        if not 0.0 < fraction <= 1.0:
-          raise ValueError(f"data fraction must be in (0, 1], got {tail!r} in {part!r}")
-        path = head
-    out.append({"path": path, "weight": weight, "fraction": fraction})
+    path, weight = _number_suffix(part, ":")
+    path, fraction = _number_suffix(path, "@")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+      raise ValueError(f"data fraction must be in (0, 1], got {fraction} in {part!r}")
+    out.append({"path": path, "weight": 1.0 if weight is None else weight,
+                "fraction": 1.0 if fraction is None else fraction})
   if not out:
     raise ValueError("data.train is empty: give record folders as 'path[:weight],...' "
                      "(make them with `python -m tools.render_orbits`)")
