@@ -10,15 +10,17 @@ random views and 10,000 exact surface points each, in two splits:
 
 Both use every colour and pattern and up to 3 parts, as the broad family does.
 Their seeds (1001, 1002) are reserved: training data must use others. One
-command regenerates them, bit for bit on CPU with the pinned versions (about
-5 minutes on 2 CPU cores)::
+command regenerates them with the pinned versions (the same objects, cameras
+and captions; pixels equal up to last-bit float differences between CPUs)::
 
   python -m tools.make_benchmark --config configs/benchmark.py:procedural_v1 \
       --config.output_dir=data/benchmarks
 
 -> ``data/benchmarks/procedural_v1/{seen,unseen}/1.0.0/`` and the object list
-``data/benchmarks/procedural_v1/objects.tsv`` (split, id, caption, record
-SHA-256), which must equal ``docs/benchmarks/procedural_v1.tsv``.
+``data/benchmarks/procedural_v1/objects.tsv`` (split, family, id, caption, and
+each object's fingerprint: mean opacity and mean colour over its views), which
+must match ``docs/benchmarks/procedural_v1.tsv`` (ids and captions exactly,
+fingerprints within ``tools.make_benchmark.FINGERPRINT_ATOL``).
 
 ``tiny``: the same two families, 4 assets each at 64x64 with 8 + 2 views, for tests.
 """
