@@ -66,6 +66,7 @@ def _render(model, params, batch, images, resolution, num_samples):
                                      jnp.asarray(batch["render_intrinsics"])))
 
 
+@pytest.mark.slow  # minutes of training in a busy suite (71 s on 2 idle cores)
 def test_tiny_lrm_memorises_eight_objects_and_tells_them_apart(objects, tmp_path):
   config = _config(objects)
   workdir = tmp_path / "run"

@@ -112,15 +112,20 @@ def test_each_process_reads_its_block_of_every_global_batch(records):
       np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]), key)
 
 
-def test_four_devices_with_and_without_fsdp_train_as_one(records, one_device, four_devices,
-                                                        tmp_path, monkeypatch):
-  _assert_same_training(one_device, four_devices)
+def test_four_devices_with_fsdp_train_as_one(records, one_device, tmp_path, monkeypatch):
+  """Data parallel over 4 devices with parameters and optimizer state split over them."""
   # The tiny model's tensors are all below the FSDP size threshold: lower it so they split.
   monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 1024)
   fsdp = _run(records, tmp_path / "fsdp", num_devices=4, **{"train.fsdp": True})
   split = [x for x in jax.tree.leaves(fsdp[0].params) if not x.sharding.is_fully_replicated]
   assert len(split) >= 10, len(split)
   _assert_same_training(one_device, fsdp)
+
+
+@pytest.mark.slow
+def test_four_devices_without_fsdp_train_as_one(one_device, four_devices):
+  """Plain data parallel (replicated parameters): the same training as one device."""
+  _assert_same_training(one_device, four_devices)
 
 
 def _free_port() -> int:

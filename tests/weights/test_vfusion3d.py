@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vf3d_jax import pretrained
+from vf3d_jax.engine import features
 from vf3d_jax.models import lrm
 from vf3d_jax.models.dinov2 import EncoderArch
 from vf3d_jax.weights import vfusion3d
@@ -28,10 +29,16 @@ FULL_DEPTH = lrm.LRMArch(
     triplane_channels=8, decoder_hidden=16)
 
 
+def _random_params(arch: lrm.LRMArch, seed: int):
+  """Random values in the architecture's shapes, drawn with NumPy (an eager ``init`` compiles
+  each of its hundreds of initialisers separately: half a minute on CPU)."""
+  return features.random_params(lrm.param_shapes(arch), seed)
+
+
 @pytest.fixture(scope="module")
 def released_style(tmp_path_factory):
   """A state dict in the released layout, with random values, and its safetensors file."""
-  params = jax.tree.map(np.asarray, lrm.init_params(FULL_DEPTH, jax.random.key(0)))
+  params = _random_params(FULL_DEPTH, 0)
   state = vfusion3d.to_state_dict(params)
   path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
   write_safetensors(state, path)  # no metadata: like the released file
@@ -99,7 +106,7 @@ def test_metadata_keeps_head_counts(tmp_path):
                                          pos_grid=4), camera_embed_dim=16, width=32, layers=1,
                      heads=8, mlp_dim=16, triplane_res=2, triplane_channels=4, decoder_hidden=8,
                      input_size=32)
-  params = lrm.init_params(arch, jax.random.key(1))
+  params = _random_params(arch, 1)
   vfusion3d.save_checkpoint_file(tmp_path / "m.safetensors", arch, params)
   loaded_arch, loaded = pretrained.load_lrm(tmp_path / "m.safetensors")
   assert loaded_arch == arch
@@ -202,7 +209,7 @@ def _broken_checkpoints(root):
   path = _raw_safetensors(root / "no_offsets.safetensors", b'{"w": {"dtype": "F32", "shape": [1]}}')
   cases.append((path, f"{path}: corrupt safetensors header (tensor 'w' has no data_offsets "
                       "[begin, end])"))
-  params = lrm.init_params(SMALL, jax.random.key(1))
+  params = _random_params(SMALL, 1)
   state = vfusion3d.to_state_dict(params)
   arch = SMALL.to_dict()
   path = root / "extra_metadata.safetensors"
