@@ -3,7 +3,8 @@
 # table from nothing. Each stage is a resumable command (rerun the script after a kill and it picks up
 # where it stopped; finished stages return at once).
 #
-#   tools/reproduce_toy.sh [stage ...]      stages: data video engine lrm ablation scale eval all (default)
+#   tools/reproduce_toy.sh [stage ...]      stages: data video engine lrm ablation scale eval report
+#                                           all (default)
 #
 # Sizes (the protocol's defaults, cut where 2 CPU cores demand it; docs/toy_reproduction.md says which):
 #   broad family  = all 6 primitive kinds, every colour and pattern, <= 3 primitives
@@ -31,7 +32,7 @@ mkdir -p "$R"
 
 NARROW_KINDS=sphere,box,cylinder   # configs/benchmark.py FAMILIES
 UNSEEN_KINDS=ellipsoid,cone,torus
-STAGES="data video engine lrm ablation scale eval"
+STAGES="data video engine lrm ablation scale eval report"
 # render NAME [flags...]: procedural assets (<= 3 primitives) -> $D/NAME/1.0.0
 render() {
   local name=$1; shift
@@ -124,6 +125,11 @@ stage_eval() {
     $PY -m vf3d_jax.evaluate --config configs/eval.py:cpu --checkpoint $run/model.safetensors \
       --data $BENCH --output $run/eval
   done
+}
+
+stage_report() {
+  # The table, the claims' verdicts and the pictures, from whatever has been evaluated so far.
+  $PY -m tools.toy_report --runs $R --output $R/report.md --figures $R/figures --data $BENCH
 }
 
 stages=${*:-all}
