@@ -43,7 +43,7 @@ def main(argv):
   impl = _ATTENTION.value
   if impl == "auto":
     impl = "cudnn" if backend == "gpu" else None
-  params = jax.jit(lambda k: lrm.init_params(arch, k))(jax.random.key(0))
+  params = lrm.init_params(arch, jax.random.key(0))  # one compiled program
   rng = np.random.default_rng(0)
 
   def inputs(n):

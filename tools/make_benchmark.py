@@ -109,7 +109,7 @@ def list_difference(rows: list[list[str]], published: list[list[str]]) -> str | 
   return None
 
 
-def make_benchmark(config) -> tuple[str, bool | None]:
+def make_benchmark(config) -> tuple[str, str | None]:
   """Renders (or finishes) every split and writes the object list.
 
   Returns:

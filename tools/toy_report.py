@@ -167,7 +167,6 @@ def video_lines(runs: str) -> list[str]:
 
 def figures(rows: dict[str, dict], runs: str, data: str, output: str, count: int) -> list[str]:
   """Per split: input | a true novel view | each main row's (first seed's) render of it."""
-  import jax  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from configs import eval as eval_configs  # pylint: disable=g-import-not-at-top
   from vf3d_jax import pretrained  # pylint: disable=g-import-not-at-top
@@ -210,7 +209,6 @@ def figures(rows: dict[str, dict], runs: str, data: str, output: str, count: int
     Image.fromarray((sheet * 255).round().astype(np.uint8)).save(path, quality=90)
     columns = ["input", "truth"] + [ROW_NAMES[row] for row, _ in models]
     written.append(f"![{split}: {' | '.join(columns)}]({path})")
-    jax.clear_caches()
   return written
 
 
