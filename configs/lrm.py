@@ -38,7 +38,7 @@ VARIANTS = {
                   triplane_res=8, triplane_channels=16, decoder_hidden=32, input_size=64),
     "toy": _arch(encoder=dict(width=128, depth=4, heads=4, mlp_dim=256, patch_size=8, pos_grid=8),
                  camera_embed_dim=128, width=128, layers=4, heads=4, mlp_dim=256,
-                 triplane_res=16, triplane_channels=32, decoder_hidden=32, input_size=64),
+                 triplane_res=8, triplane_channels=32, decoder_hidden=32, input_size=64),
 }
 
 
@@ -49,7 +49,9 @@ STAGES = {
                   (30_000, 384, 128, 64, 64)),
     "small": ((20_000, 128, 128, 48, 48), (20_000, 256, 128, 48, 48)),
     "tiny": ((300, 32, 32, 24, 24), (300, 48, 32, 24, 24)),
-    "toy": ((2000, 64, 32, 24, 24), (1000, 128, 32, 24, 24)),
+    # Two CPU cores: many cheap steps (16^2 crops) learn faster than few large ones
+    # (docs/toy_reproduction.md, "What held the LRM back").
+    "toy": ((6000, 32, 16, 16, 16), (2000, 64, 16, 24, 24)),
 }
 
 
@@ -71,10 +73,10 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   t = config.train = ml_collections.ConfigDict()
   t.steps = sum(s[0] for s in STAGES[arg])
   t.stages = STAGES[arg]  # ((steps, render_resolution, crop_size, num_coarse, num_fine), ...)
-  t.batch_size = 4 if tiny else 16  # objects per step, all devices together
-  t.num_views = 4  # supervision views per object
-  t.lr = 3e-3 if tiny else 4e-4
-  t.warmup_steps = 30 if tiny else 3000
+  t.batch_size = {"tiny": 4, "toy": 8}.get(arg, 16)  # objects per step, all devices together
+  t.num_views = 2 if arg == "toy" else 4  # supervision views per object
+  t.lr = {"tiny": 3e-3, "toy": 1e-3}.get(arg, 4e-4)
+  t.warmup_steps = {"tiny": 30, "toy": 100}.get(arg, 3000)
   t.final_lr_fraction = 0.1
   t.b1 = 0.9
   t.b2 = 0.95
@@ -88,7 +90,7 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   t.render_chunk = 4096 if tiny else 32768  # rays per renderer step
   t.init_from = ""  # checkpoint to fine-tune: our pretrained dir or released safetensors
   t.log_every = 10 if tiny else 50
-  t.eval_every = 200 if tiny else 2000
+  t.eval_every = {"tiny": 200, "toy": 500}.get(arg, 2000)
   t.checkpoint_every = 100 if tiny else 1000
   t.keep_checkpoints = 3
   t.camera_noise = ml_collections.ConfigDict()

@@ -12,8 +12,8 @@
 #   single views  = 20000 broad assets, one random view each, with captions (the image stage)
 #   engine        = 2000 broad prompts -> first frames (image model) -> orbits (video model) -> filter,
 #                   elevation -> synthetic records
-#   LRM           = configs/lrm.py:toy, 3000 steps, for (a) 3D only, (b) synthetic only,
-#                   (c) synthetic then 1000 steps of fine-tuning on 3D; seeds 0 and 1
+#   LRM           = configs/lrm.py:toy, 8000 steps of 8 objects x 2 views, for (a) 3D only, (b) synthetic only,
+#                   (c) synthetic then 2000 steps of fine-tuning on 3D; seeds 0 and 1
 # Environment: R (runs folder, default runs/toy), D (data folder, default data), SEEDS (default "0 1"),
 # PROMPTS (engine prompts, default 2000: about 16 s a video on 2 cores, so 9 h; 500 fits 2.3 h).
 set -euo pipefail
@@ -96,8 +96,8 @@ stage_lrm() {
     train_lrm b_synth_s$seed $SYNTH --config.seed=$seed
     # (c): (b)'s weights, fine-tuned on 3D renders with the last stage's resolution.
     train_lrm c_synth_ft_s$seed $NARROW --config.seed=$seed --config.train.init_from=$R/lrm/b_synth_s$seed/model.safetensors \
-      --config.train.steps=1000 "--config.train.stages=((1000,128,32,24,24),)" \
-      --config.train.lr=1e-3 --config.train.warmup_steps=10
+      --config.train.steps=2000 "--config.train.stages=((2000,64,16,24,24),)" \
+      --config.train.lr=3e-4 --config.train.warmup_steps=10
   done
 }
 

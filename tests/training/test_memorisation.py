@@ -76,6 +76,9 @@ def test_tiny_lrm_memorises_eight_objects_and_tells_them_apart(objects, tmp_path
   assert scored[0]["step"] == 0 and scored[-1]["step"] == STEPS
   assert scored[0]["eval/psnr"] < 14.0  # a fresh model renders fog
   assert scored[-1]["eval/psnr"] > MIN_PSNR, scored
+  # The trainer's own check that renders follow the input image: ~0 dB fresh, > 8 dB memorised.
+  assert abs(scored[0]["eval/input_gain"]) < 1.0, scored
+  assert scored[-1]["eval/input_gain"] > 8.0, scored
 
   _, model = lrm_trainer.model_from_config(config)
   batches = lrm_data.make_eval_batches(config.data, num_objects=8, num_views=4,
