@@ -3,6 +3,8 @@ r"""Benchmark: the LRM training step of the VFusion3D recipe (random weights, re
   python -m tools.bench_train                           # released architecture, batches 4 and 16
   python -m tools.bench_train --variant tiny --batches 2,4 --resolution 64 --crop 32 \
       --samples 16,16 --iters 2                         # a CPU smoke run
+  python -m tools.bench_train --variant toy --batches 8 --views 2 --resolution 32 --crop 16 \
+      --samples 16,16 --dtype float32 --remat=False --chunk 4096 --loss mse   # the toy step
 
 The step is the trainer's own (``vf3d_jax.training.lrm_trainer``): camera noise
 on the source camera, image -> triplanes, the supervision crops rendered under
@@ -62,6 +64,9 @@ _FSDP = flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state o
 _CHUNK = flags.DEFINE_integer("chunk", 32768, "Rays per renderer chunk.")
 _LPIPS_DTYPE = flags.DEFINE_string("lpips_dtype", "bfloat16", "LPIPS compute dtype.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed steps per batch size.")
+_TRIPLANE_RES = flags.DEFINE_integer("triplane_res", 0, "Triplane tokens a side (0: the variant's).")
+_LOSS = flags.DEFINE_enum("loss", "lpips", ["lpips", "mse"],
+                          "Image loss: the recipe's LPIPS, or the CPU variants' pixel MSE.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0: by device kind).")
 
 
@@ -79,8 +84,11 @@ def _config(batch: int):
   t.remat = t.remat_renderer = _REMAT.value
   t.fsdp = _FSDP.value
   t.render_chunk = _CHUNK.value
-  config.loss.update(lpips=1.0, lpips_weights="random:0", lpips_dtype=_LPIPS_DTYPE.value,
-                     mse=0.0, l1=0.0, opacity=0.5)
+  if _TRIPLANE_RES.value:
+    config.model.triplane_res = _TRIPLANE_RES.value
+  lpips = _LOSS.value == "lpips"
+  config.loss.update(lpips=float(lpips), lpips_weights="random:0", lpips_dtype=_LPIPS_DTYPE.value,
+                     mse=float(not lpips), l1=0.0, opacity=0.5)
   return config
 
 
