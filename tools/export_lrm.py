@@ -27,7 +27,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 
 def main(argv):
   del argv
-  root = os.path.join(_WORKDIR.value, "checkpoints")
+  root = os.path.join(os.path.abspath(_WORKDIR.value), "checkpoints")  # Orbax wants absolute paths
   steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
   if not steps:
     sys.exit(f"error: no checkpoints in {root}")

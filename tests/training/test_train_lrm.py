@@ -107,11 +107,12 @@ def test_killed_run_resumes_to_the_same_parameters(records, tmp_path):
       "learning rate, or --resume=change to stretch the schedule to the new train.steps (a warm "
       "restart)\n"))
 
-  # The trained parameters export to the released layout and load for inference.
+  # The trained parameters export to the released layout and load for inference (the workdir
+  # given relative to the current folder, as tools/reproduce_toy.sh gives it).
   exported = tmp_path / "model.safetensors"
-  out = subprocess.run([sys.executable, "-m", "tools.export_lrm", "--workdir", str(straight),
-                        "--output", str(exported)], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run([sys.executable, "-m", "tools.export_lrm", "--workdir", "straight",
+                        "--output", str(exported)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": REPO})
   assert out.returncode == 0, out.stderr[-2000:]
   _, loaded = pretrained.load_lrm(exported)
   assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a, loaded))
