@@ -74,7 +74,7 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   t.steps = sum(s[0] for s in STAGES[arg])
   t.stages = STAGES[arg]  # ((steps, render_resolution, crop_size, num_coarse, num_fine), ...)
   t.batch_size = {"tiny": 4, "toy": 8}.get(arg, 16)  # objects per step, all devices together
-  t.num_views = 2 if arg == "toy" else 4  # supervision views per object
+  t.num_views = {"toy": 2}.get(arg, 4)  # supervision views per object
   t.lr = {"tiny": 3e-3, "toy": 1e-3}.get(arg, 4e-4)
   t.warmup_steps = {"tiny": 30, "toy": 100}.get(arg, 3000)
   t.final_lr_fraction = 0.1

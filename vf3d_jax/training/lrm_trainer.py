@@ -389,10 +389,13 @@ class Evaluator:
     self.batches = lrm_data.make_eval_batches(
         config.data, num_objects=config.eval.num_objects, num_views=config.train.num_views,
         input_size=model.arch.input_size, render_resolution=res)
+    # Each object paired with the next object's image (input_gain needs two objects).
     sources = np.concatenate([b["source_image"] for b in self.batches])
-    sources = np.split(np.roll(sources, 1, axis=0),
-                       np.cumsum([len(b["source_image"]) for b in self.batches])[:-1])
-    self.swapped = [dict(b, source_image=s) for b, s in zip(self.batches, sources)]
+    self.swapped = []
+    if len(sources) > 1:
+      sources = np.split(np.roll(sources, 1, axis=0),
+                         np.cumsum([len(b["source_image"]) for b in self.batches])[:-1])
+      self.swapped = [dict(b, source_image=s) for b, s in zip(self.batches, sources)]
     options = renderer.RenderOptions(num_coarse=config.eval.num_coarse,
                                      num_fine=config.eval.num_fine, mode=config.train.render_mode,
                                      chunk_size=config.train.render_chunk)
@@ -424,7 +427,7 @@ class Evaluator:
               np.concatenate([src] + list(target[i]), axis=1),
               np.concatenate([np.ones_like(src)] + list(pred[i]), axis=1)], axis=0))
     result = {f"eval/{k}": float(np.mean(v)) for k, v in scores.items() if v}
-    if len(self.swapped) > 1 or len(self.swapped[0]["source_image"]) > 1:
+    if self.swapped:
       swapped = [metrics_lib.psnr(jnp.asarray(self._render(params, b)), jnp.asarray(b["render_rgb"]))
                  for b in self.swapped]
       result["eval/input_gain"] = result["eval/psnr"] - float(
