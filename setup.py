@@ -21,6 +21,7 @@ setup(
         # 4.57 is the last release with Flax models (CLIP, ViT, DINOv2).
         "transformers>=4.57.6,<5",
         "numpy>=2.4,<3",
+        "opencv-python-headless>=5.1,<6",
         "tensorflow-datasets>=4.9.10,<5",
         "ml-collections>=1.1.0,<2",
         "absl-py>=2",

@@ -266,8 +266,17 @@ def remove_background(rgb: np.ndarray,
   return np.clip(alpha, 0.0, 1.0).astype(np.float32)
 
 
+def grabcut_background(rgb: np.ndarray) -> np.ndarray:
+  """The GrabCut matte seeded from a fitted border background
+  (``vf3d_jax.inference.matting.grabcut_matte``): for gradients, textures and
+  photographic backgrounds, where ``remove_background``'s one colour fails."""
+  from vf3d_jax.inference import matting  # pylint: disable=import-outside-toplevel
+  return matting.grabcut_matte(rgb)
+
+
 # Named matting methods; register external models (e.g. rembg) here.
-MATTING_METHODS: dict[str, MattingFn] = {"builtin": remove_background}
+MATTING_METHODS: dict[str, MattingFn] = {"builtin": remove_background,
+                                         "grabcut": grabcut_background}
 
 
 def register_matting(name: str, matting_fn: MattingFn) -> None:
