@@ -130,6 +130,7 @@ class MatteReport:
 def grabcut_matte(rgb: np.ndarray, *, max_side: int = 384, iterations: int = 5,
                   border_fraction: float = 0.03, noise_factor: float = 3.0,
                   min_threshold: float = 0.06, min_component_fraction: float = 0.05,
+                  refine_passes: int = 1,
                   return_report: bool = False):
   """Alpha matte of the main object; see the module docstring for the steps.
 
@@ -142,6 +143,8 @@ def grabcut_matte(rgb: np.ndarray, *, max_side: int = 384, iterations: int = 5,
     noise_factor: seed threshold in units of the border's median residual.
     min_threshold: smallest seed threshold (colour distance).
     min_component_fraction: secondary components kept if this large.
+    refine_passes: 1 reruns GrabCut with everything far from the kept object
+      as certain background; 0 skips it.
     return_report: also return a ``MatteReport``.
 
   Returns:
@@ -166,16 +169,27 @@ def grabcut_matte(rgb: np.ndarray, *, max_side: int = 384, iterations: int = 5,
   gc_mask = np.where(seed, _PR_FGD, _PR_BGD).astype(np.uint8)
   gc_mask[border & ~seed] = _BGD
   mask = seed
+  image8 = np.round(small * 255).astype(np.uint8)[..., ::-1].copy()  # OpenCV is BGR
+  bgd_model = np.zeros((1, 65), np.float64)
+  fgd_model = np.zeros((1, 65), np.float64)
   if seed.any() and (~seed).any():
-    image8 = np.round(small * 255).astype(np.uint8)[..., ::-1].copy()  # OpenCV is BGR
-    bgd_model = np.zeros((1, 65), np.float64)
-    fgd_model = np.zeros((1, 65), np.float64)
     try:
       cv2.grabCut(image8, gc_mask, None, bgd_model, fgd_model, iterations, cv2.GC_INIT_WITH_MASK)
       mask = (gc_mask == _FGD) | (gc_mask == _PR_FGD)
     except cv2.error:  # a colour model with too few pixels: keep the seed
       mask = seed
   mask = _keep_components(mask, min_component_fraction)
+  if refine_passes and mask.any() and (~mask).any():
+    # Second pass: what lies far from the kept object is certain background,
+    # so the colour models re-learn without the discarded clutter.
+    near = ndimage.binary_dilation(mask, iterations=max(2, int(0.04 * min(small_hw))))
+    gc_mask = np.where(mask, _PR_FGD, _PR_BGD).astype(np.uint8)
+    gc_mask[~near | (border & ~mask)] = _BGD
+    try:
+      cv2.grabCut(image8, gc_mask, None, bgd_model, fgd_model, iterations, cv2.GC_INIT_WITH_MASK)
+      mask = _keep_components((gc_mask == _FGD) | (gc_mask == _PR_FGD), min_component_fraction)
+    except cv2.error:
+      pass
 
   contrast = float(np.median(distance[mask])) if mask.any() else 0.0
   border_fg = float(mask[border].mean())
