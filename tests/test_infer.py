@@ -261,6 +261,9 @@ def test_cli_end_to_end_with_overrides(workspace, tmp_path):
   assert (result.returncode, result.stderr) == (
       1, f"{two / 'broken.png'}: error: {unreadable.value}\nerror: 1 of 2 images failed\n")
   assert "preprocess" in result.stdout and "total" in result.stdout
+  # The summary names the mask's source and how much of the image it covers.
+  disc = np.asarray(Image.open(images / "disc.png"))[..., 3] > 127
+  assert f"matte image, foreground {100 * disc.mean():.0f}%;" in result.stdout, result.stdout
   assert sorted(os.listdir(out)) == ["disc"]
   assert sorted(os.listdir(out / "disc")) == ["input.png", "mesh.ply", "turntable.gif"]
   typo = subprocess.run(

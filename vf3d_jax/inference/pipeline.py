@@ -65,6 +65,8 @@ class Reconstruction:
   mesh: mesh_lib.Mesh | None
   mesh_error: str | None  # why there is no mesh (e.g. an empty surface)
   seconds: dict[str, float]
+  matte: str = "image"  # where the object mask came from: "image" (alpha) or the matting method
+  foreground_fraction: float = 0.0  # of the (working-size) input covered by the mask
 
 
 class Reconstructor:
@@ -127,7 +129,7 @@ class Reconstructor:
                progress: bool | None = None) -> Reconstruction:
     seconds = {}
     start = time.perf_counter()
-    image, _ = preprocess.preprocess_image(
+    image, info = preprocess.preprocess_image(
         image_path, size=self.arch.input_size,
         foreground_ratio=self.config.preprocess.foreground_ratio,
         matting_fn=self.config.preprocess.matting,
@@ -152,7 +154,9 @@ class Reconstructor:
       except mesh_lib.EmptyMeshError as e:
         mesh_error = str(e)
       seconds["mesh"] = time.perf_counter() - start
-    return Reconstruction(image, np.asarray(planes), frames, mesh, mesh_error, seconds)
+    return Reconstruction(image, np.asarray(planes), frames, mesh, mesh_error, seconds,
+                          matte=info["alpha_source"],
+                          foreground_fraction=float(np.mean(info["alpha"] > 0.5)))
 
 
 def _atomic(path: str, write) -> str:
@@ -333,7 +337,8 @@ def _summary(result: Reconstruction) -> str:
     parts[-1] += f" ({len(result.mesh.vertices):,} vertices)"
   elif result.mesh_error:
     parts[-1] += " (empty surface: no mesh written)"
-  return ", ".join(parts) + f"; total {sum(t.values()):.2f} s"
+  matte = f"matte {result.matte}, foreground {100 * result.foreground_fraction:.0f}%"
+  return matte + "; " + ", ".join(parts) + f"; total {sum(t.values()):.2f} s"
 
 
 def run(config, checkpoint: str, image: str, output: str, deterministic: bool = False,
