@@ -65,3 +65,17 @@ def test_rembg_never_downloads_and_says_how_to_get_the_model(tmp_path, monkeypat
   assert ("not installed" in reason) or (str(tmp_path) in reason and "rembg d" in reason)
   with pytest.raises(RuntimeError):
     matting.rembg_matting("isnet-general-use")
+
+
+def test_matting_none_keeps_the_whole_image_as_the_object():
+  rgb = np.full((40, 40, 3), 1.0, np.float32)
+  rgb[5:15, 5:15] = (0.9, 0.1, 0.1)  # off-centre: 'none' must not recentre on it
+  image, info = preprocess.preprocess_image(rgb, size=40, matting_fn="none")
+  assert info["alpha_source"] == "none" and info["alpha"].min() == 1.0
+  # The whole frame shrinks to the foreground ratio: the red square stays top-left.
+  red = (image[..., 0] > 0.6) & (image[..., 1] < 0.4)
+  rows, cols = np.nonzero(red)
+  assert rows.mean() < 15 and cols.mean() < 15
+  auto, _ = preprocess.preprocess_image(rgb, size=40, matting_fn="builtin")
+  rows, cols = np.nonzero((auto[..., 0] > 0.6) & (auto[..., 1] < 0.4))
+  assert abs(rows.mean() - 19.5) < 2 and abs(cols.mean() - 19.5) < 2  # builtin recentres

@@ -274,9 +274,16 @@ def grabcut_background(rgb: np.ndarray) -> np.ndarray:
   return matting.grabcut_matte(rgb)
 
 
+def no_matting(rgb: np.ndarray) -> np.ndarray:
+  """``matting=none``: the whole image is the object (inputs already on white
+  and framed; recentring then only pads the image to the foreground ratio)."""
+  return np.ones(rgb.shape[:2], np.float32)
+
+
 # Named matting methods; register external models (e.g. rembg) here.
 MATTING_METHODS: dict[str, MattingFn] = {"builtin": remove_background,
-                                         "grabcut": grabcut_background}
+                                         "grabcut": grabcut_background,
+                                         "none": no_matting}
 
 
 def register_matting(name: str, matting_fn: MattingFn) -> None:
