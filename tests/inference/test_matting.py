@@ -79,3 +79,52 @@ def test_matting_none_keeps_the_whole_image_as_the_object():
   auto, _ = preprocess.preprocess_image(rgb, size=40, matting_fn="builtin")
   rows, cols = np.nonzero((auto[..., 0] > 0.6) & (auto[..., 1] < 0.4))
   assert abs(rows.mean() - 19.5) < 2 and abs(cols.mean() - 19.5) < 2  # builtin recentres
+
+
+def _fake_rembg(monkeypatch, tmp_path, calls):
+  """A stand-in rembg module (the real one is an optional extra) and a model file."""
+  import sys
+  import types
+  from PIL import Image
+  module = types.ModuleType("rembg")
+  module.new_session = lambda model: calls.append(("session", model)) or model
+
+  def remove(image, session, only_mask):
+    calls.append(("remove", session, only_mask))
+    rgb = np.asarray(image)
+    return Image.fromarray(np.where(rgb[..., 0] < 128, 255, 0).astype(np.uint8))
+  module.remove = remove
+  monkeypatch.setitem(sys.modules, "rembg", module)
+  monkeypatch.setenv("U2NET_HOME", str(tmp_path))
+  monkeypatch.setattr(preprocess, "_REMBG_SESSIONS", {})
+
+
+def test_auto_uses_rembg_when_installed_with_its_model(tmp_path, monkeypatch):
+  calls = []
+  _fake_rembg(monkeypatch, tmp_path, calls)
+  rgb = np.ones((32, 32, 3), np.float32)
+  rgb[8:24, 8:24] = 0.0
+  # The package without the model file: auto falls back, rembg names the file.
+  assert preprocess._resolve_matting("auto")[1] == "builtin"
+  with pytest.raises(RuntimeError, match="rembg d isnet-general-use"):
+    preprocess._resolve_matting("rembg")
+  (tmp_path / "isnet-general-use.onnx").write_bytes(b"")
+  fn, name = preprocess._resolve_matting("auto")
+  assert name == "rembg:isnet-general-use"
+  alpha = fn(rgb)
+  assert alpha[16, 16] == 1.0 and alpha[0, 0] == 0.0
+  assert calls[0] == ("session", "isnet-general-use") and calls[1][2] is True
+  _, info = preprocess.preprocess_image(rgb, size=32, matting_fn="auto")
+  assert info["alpha_source"] == "rembg:isnet-general-use"
+
+
+def test_infer_config_names_a_missing_rembg_model(tmp_path, monkeypatch):
+  from configs import infer as infer_configs
+  from vf3d_jax.inference import pipeline
+  _fake_rembg(monkeypatch, tmp_path, [])
+  config = infer_configs.get_config("demo")
+  config.preprocess.matting = "rembg:u2net"
+  with pytest.raises(ValueError, match=r"^preprocess.matting: rembg model 'u2net' not found"):
+    pipeline.validate_config(config)
+  config.preprocess.matting = "auto"
+  pipeline.validate_config(config)  # no model file: auto is the built-in matte

@@ -321,6 +321,10 @@ def validate_config(config) -> None:
   if not 0 < ratio <= 1:
     raise ValueError(f"preprocess.foreground_ratio must be in (0, 1], got {ratio!r}")
   _positive(config, ["preprocess.max_side"])
+  try:  # resolves rembg now, so a missing package or model file is one line
+    preprocess._resolve_matting(config.preprocess.matting)  # pylint: disable=protected-access
+  except (RuntimeError, ValueError) as e:
+    raise ValueError(f"preprocess.matting: {e}") from e
   if config.render.enabled:
     _positive(config, ["render.num_views", "render.resolution", "render.fps",
                        "render.num_coarse", "render.chunk_size"])

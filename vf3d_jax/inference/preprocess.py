@@ -300,13 +300,38 @@ def register_matting(name: str, matting_fn: MattingFn) -> None:
   MATTING_METHODS[name] = matting_fn
 
 
+_REMBG_SESSIONS: dict[str, MattingFn] = {}
+
+
+def _rembg(model: str) -> MattingFn:
+  from vf3d_jax.inference import matting  # pylint: disable=import-outside-toplevel
+  if model not in _REMBG_SESSIONS:
+    _REMBG_SESSIONS[model] = matting.rembg_matting(model)
+  return _REMBG_SESSIONS[model]
+
+
 def _resolve_matting(matting_fn: MattingFn | str | None) -> tuple[MattingFn, str]:
+  """A matting function and its name. Besides the registered names:
+  ``"rembg"`` / ``"rembg:<model>"`` (rembg with its local model file; a
+  missing package or file raises ``RuntimeError`` saying how to get it) and
+  ``"auto"`` (rembg's ``isnet-general-use`` when it is installed with its
+  model, else ``"builtin"``)."""
   if matting_fn is None:
     matting_fn = "builtin"
+  if isinstance(matting_fn, str) and matting_fn not in MATTING_METHODS:
+    from vf3d_jax.inference import matting  # pylint: disable=import-outside-toplevel
+    if matting_fn == "auto":
+      if matting.rembg_available(matting.REMBG_DEFAULT_MODEL)[0]:
+        matting_fn = f"rembg:{matting.REMBG_DEFAULT_MODEL}"
+      else:
+        return MATTING_METHODS["builtin"], "builtin"
+    if matting_fn == "rembg" or matting_fn.startswith("rembg:"):
+      model = matting_fn.partition(":")[2] or matting.REMBG_DEFAULT_MODEL
+      return _rembg(model), f"rembg:{model}"
   if isinstance(matting_fn, str):
     if matting_fn not in MATTING_METHODS:
-      raise ValueError(f"unknown matting method {matting_fn!r}; "
-                       f"registered: {sorted(MATTING_METHODS)}")
+      raise ValueError(f"unknown matting method {matting_fn!r}; registered: "
+                       f"{sorted(MATTING_METHODS)}, or auto, rembg, rembg:<model>")
     return MATTING_METHODS[matting_fn], matting_fn
   return matting_fn, getattr(matting_fn, "__name__", "callable")
 
