@@ -255,7 +255,8 @@ def rembg_available(model: str = REMBG_DEFAULT_MODEL) -> tuple[bool, str]:
   path = os.path.join(rembg_model_dir(), f"{model}.onnx")
   if not os.path.isfile(path):
     return False, (f"rembg model {model!r} not found at {path}; fetch it once with "
-                   f"`rembg d {model}` (or set U2NET_HOME to the folder holding it)")
+                   f"`rembg d {model}` or from https://github.com/danielgatis/rembg/releases/"
+                   f"download/v0.0.0/{model}.onnx (or set U2NET_HOME to the folder holding it)")
   return True, path
 
 
