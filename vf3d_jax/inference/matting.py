@@ -18,7 +18,7 @@ the image border is background but models it properly:
    puts the object, the seed's object is probable foreground, the rest
    probable background. The colour models then learn textured backgrounds
    and multi-coloured objects that a distance threshold cannot separate.
-4. **Components and holes** as ``remove_background``: the largest component
+4. **Components and holes** (``preprocess.keep_main_components``): the largest component
    reaching the image centre plus comparable ones, holes filled.
 5. **Edges**: GrabCut works on a copy whose longer side is at most
    ``max_side``; the mask is brought back to full size and its edges softened
@@ -36,6 +36,8 @@ import os
 
 import numpy as np
 from scipy import ndimage
+
+from vf3d_jax.inference import preprocess
 
 # Seeds for cv2.grabCut's mask.
 _BGD, _FGD, _PR_BGD, _PR_FGD = 0, 1, 2, 3
@@ -100,24 +102,6 @@ def _resize(x: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.nda
   return cv2.resize(x, (hw[1], hw[0]), interpolation=interp)
 
 
-def _keep_components(mask: np.ndarray, min_component_fraction: float) -> np.ndarray:
-  """The largest component reaching the central half (else the largest), and
-  components at least ``min_component_fraction`` of it; holes filled."""
-  height, width = mask.shape
-  labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-  if count == 0:
-    return mask
-  sizes = np.bincount(labels.ravel(), minlength=count + 1)
-  sizes[0] = 0
-  centre = labels[height // 4:height - height // 4, width // 4:width - width // 4]
-  candidates = np.unique(centre[centre > 0])
-  if candidates.size == 0:
-    candidates = np.arange(1, count + 1)
-  main = sizes[candidates].max()
-  keep = candidates[sizes[candidates] >= min_component_fraction * main]
-  return ndimage.binary_fill_holes(np.isin(labels, keep))
-
-
 @dataclasses.dataclass
 class MatteReport:
   """What ``grabcut_matte`` saw; ``confidence`` in ``[0, 1]``, 1 = plain backdrop."""
@@ -178,7 +162,7 @@ def grabcut_matte(rgb: np.ndarray, *, max_side: int = 384, iterations: int = 5,
       mask = (gc_mask == _FGD) | (gc_mask == _PR_FGD)
     except cv2.error:  # a colour model with too few pixels: keep the seed
       mask = seed
-  mask = _keep_components(mask, min_component_fraction)
+  mask = preprocess.keep_main_components(mask, min_component_fraction)
   if refine_passes and mask.any() and (~mask).any():
     # Second pass: what lies far from the kept object is certain background,
     # so the colour models re-learn without the discarded clutter.
@@ -187,7 +171,8 @@ def grabcut_matte(rgb: np.ndarray, *, max_side: int = 384, iterations: int = 5,
     gc_mask[~near | (border & ~mask)] = _BGD
     try:
       cv2.grabCut(image8, gc_mask, None, bgd_model, fgd_model, iterations, cv2.GC_INIT_WITH_MASK)
-      mask = _keep_components((gc_mask == _FGD) | (gc_mask == _PR_FGD), min_component_fraction)
+      mask = preprocess.keep_main_components((gc_mask == _FGD) | (gc_mask == _PR_FGD),
+                                             min_component_fraction)
     except cv2.error:
       pass
 

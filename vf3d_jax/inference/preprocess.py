@@ -141,6 +141,28 @@ def has_meaningful_alpha(rgba: np.ndarray) -> bool:
 # Background removal.
 
 
+def keep_main_components(mask: np.ndarray, min_component_fraction: float) -> np.ndarray:
+  """The object's part of a foreground mask, holes filled.
+
+  Keeps the largest 8-connected component reaching the central half of the
+  image (else the largest overall) and every such component at least
+  ``min_component_fraction`` of its size; an empty mask stays empty.
+  """
+  height, width = mask.shape
+  labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+  if count == 0:
+    return mask
+  sizes = np.bincount(labels.ravel(), minlength=count + 1)
+  sizes[0] = 0
+  centre = labels[height // 4:height - height // 4, width // 4:width - width // 4]
+  candidates = np.unique(centre[centre > 0])
+  if candidates.size == 0:
+    candidates = np.arange(1, count + 1)
+  main_size = sizes[candidates].max()
+  keep = candidates[sizes[candidates] >= min_component_fraction * main_size]
+  return ndimage.binary_fill_holes(np.isin(labels, keep))
+
+
 def remove_background(rgb: np.ndarray,
                       border_fraction: float = 0.02,
                       min_threshold: float = 0.08,
@@ -221,18 +243,9 @@ def remove_background(rgb: np.ndarray,
   soft = np.clip((distance - threshold) / softness, 0.0, 1.0)
   mask = soft >= 0.5
 
-  labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-  if count == 0:
+  if not mask.any():
     return np.zeros((height, width), np.float32)
-  sizes = np.bincount(labels.ravel(), minlength=count + 1)
-  sizes[0] = 0
-  centre = labels[height // 4:height - height // 4, width // 4:width - width // 4]
-  candidates = np.unique(centre[centre > 0])
-  if candidates.size == 0:
-    candidates = np.arange(1, count + 1)
-  main_size = sizes[candidates].max()
-  keep = candidates[sizes[candidates] >= min_component_fraction * main_size]
-  core = ndimage.binary_fill_holes(np.isin(labels, keep))
+  core = keep_main_components(mask, min_component_fraction)
 
   ring = np.ones((5, 5), bool)  # 2 px each way
   interior = ndimage.binary_erosion(core, ring)
