@@ -33,6 +33,10 @@ setup(
         "PyMCubes>=0.1.6,<0.2",
         "scikit-image>=0.26,<0.27",
         "trimesh>=5.2,<6",
+        # Textured meshes: xatlas's chart packing (the unwrapper SF3D and TRELLIS use) and a
+        # quadric-error decimator; both small wheels, better than anything hand-written here.
+        "xatlas>=0.0.11,<0.1",
+        "fast-simplification>=0.2,<0.3",
         "imageio>=2.38,<3",
         # 0.8 breaks readers of the bundled ffmpeg; 0.7 ships it.
         "imageio-ffmpeg==0.7.0",
@@ -53,6 +57,8 @@ setup(
         "matting": ["rembg[cpu]>=2.0.86,<3"],
         # diffusers (PyTorch classes only) is the reference for the video UNet, VAE and
         # scheduler parity tests; the library never imports it.
-        "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3", "diffusers>=0.36,<0.37"],
+        "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3", "diffusers>=0.36,<0.37",
+                 # A second glTF reader for the GLB export tests.
+                 "pygltflib>=1.16,<2"],
     },
 )

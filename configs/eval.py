@@ -33,6 +33,10 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
   c.render.resolution = 0  # views' side; 0: the records' own (images: 256)
   c.render.num_views = 8  # turntable views of image-only sets (CLIP scores)
   c.mesh.resolution = 128
+  # Geometry is scored on the marching-cubes surface itself: no texture, cleanup or decimation.
+  c.mesh.texture = "vertex"
+  c.mesh.min_component = 0.0
+  c.mesh.max_faces = 0
 
   e = c.eval = ml_collections.ConfigDict()
   e.source_view = 0  # the input view of each record (0: its first orbit view)

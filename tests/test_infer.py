@@ -15,6 +15,7 @@ from configs import infer as infer_configs
 from configs import lrm as lrm_configs
 from vf3d_jax.inference import pipeline as infer
 from vf3d_jax.inference.preprocess import ImageLoadError, load_image
+from vf3d_jax.inference.texture import sample_texture
 from vf3d_jax.models import lrm
 from vf3d_jax.engine import features
 from vf3d_jax.weights import vfusion3d
@@ -90,7 +91,7 @@ def test_folder_with_a_bad_image(workspace):
   for name in ("disc", "square"):
     folder = out / name
     files = sorted(os.listdir(folder))
-    assert files == ["frames.npy", "input.png", "mesh.obj", "planes.npy", "turntable.mp4"], files
+    assert files == ["frames.npy", "input.png", "mesh.glb", "planes.npy", "turntable.mp4"], files
     planes = np.load(folder / "planes.npy")
     assert planes.shape == (3, TINY.triplane_channels, TINY.plane_res, TINY.plane_res)
     frames = np.load(folder / "frames.npy")
@@ -100,11 +101,15 @@ def test_folder_with_a_bad_image(workspace):
     # The solid box renders its colour, not the white background, at the centre.
     assert np.abs(frames[:, 12, 12] - frames[0, 12, 12]).max() < 1e-5
     assert frames[0, 12, 12].mean() < 0.9
-    mesh = trimesh.load(folder / "mesh.obj", process=False)
+    # The default mesh: a UV-textured GLB whose texture holds the field's colour.
+    mesh = trimesh.load(folder / "mesh.glb", force="mesh", process=False)
     # The cube's surface: between the last two grid layers, ~0.978 for this field.
     np.testing.assert_allclose(np.abs(mesh.bounds), 0.978, atol=0.02)
-    colors = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(int)
-    np.testing.assert_allclose(colors, np.broadcast_to([225, 30, 128], colors.shape), atol=1)
+    assert mesh.visual.kind == "texture"
+    atlas = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"), np.float32) / 255
+    # trimesh flips v on loading a glTF back to the OpenGL convention sample_texture uses.
+    colors = sample_texture(atlas, np.asarray(mesh.visual.uv)) * 255
+    np.testing.assert_allclose(colors, np.broadcast_to([225, 30, 128], colors.shape), atol=1.5)
   assert not (out / "broken").exists()
   assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp" in f]
 
@@ -200,7 +205,9 @@ def test_images_with_the_same_stem_get_their_own_folders(workspace, tmp_path, ca
   for ext in ("png", "jpg"):
     (same / f"disc.{ext}").write_bytes((images / "disc.png").read_bytes())
   out = tmp_path / "out"
-  results = infer.run(_config(), str(ckpt), str(same), str(out), deterministic=True,
+  config = _config()
+  config.mesh.update(texture="vertex", format="obj")
+  results = infer.run(config, str(ckpt), str(same), str(out), deterministic=True,
                       progress=True)
   bars = capsys.readouterr().err
   assert "images: 100%" in bars and "2/2" in bars and "turntable" in bars and "mesh grid" in bars
@@ -211,6 +218,9 @@ def test_images_with_the_same_stem_get_their_own_folders(workspace, tmp_path, ca
     assert sorted(os.listdir(folder)) == ["input.png", "mesh.obj", "turntable.mp4"]
     assert results[str(same / f"disc.{ext}")]["files"] == [
         str(folder / f) for f in ("input.png", "turntable.mp4", "mesh.obj")]
+    # mesh.texture=vertex: the released output, a vertex-coloured OBJ.
+    mesh = trimesh.load(folder / "mesh.obj", process=False)
+    assert mesh.visual.kind == "vertex" and len(mesh.visual.vertex_colors) == len(mesh.vertices)
 
 
 def test_a_failed_image_leaves_no_folder_and_keeps_the_previous_one(workspace, tmp_path,
@@ -256,6 +266,7 @@ def test_cli_end_to_end_with_overrides(workspace, tmp_path):
       [sys.executable, "-m", "vf3d_jax.infer", "--config", "configs/infer.py:demo",
        "--config.render.num_views=3", "--config.render.resolution=16",
        "--config.render.format=gif", "--config.mesh.resolution=16", "--config.mesh.format=ply",
+       "--config.mesh.texture=vertex",
        "--checkpoint", str(ckpt), "--image", str(two), "--output", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert (result.returncode, result.stderr) == (

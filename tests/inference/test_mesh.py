@@ -91,7 +91,7 @@ def sphere_mesh():
 @pytest.mark.parametrize("extension", [".obj", ".glb", ".ply"])
 def test_export_round_trip(sphere_mesh, extension, tmp_path):
   path = tmp_path / "out" / f"sphere{extension}"
-  assert export_mesh(sphere_mesh, path) == str(path)
+  assert export_mesh(sphere_mesh, path) == [str(path)]
   assert sorted(os.listdir(path.parent)) == [path.name]  # no temporary left
   loaded = trimesh.load(path, force="mesh")
   merged = trimesh.Trimesh(sphere_mesh.vertices, sphere_mesh.faces, process=True)

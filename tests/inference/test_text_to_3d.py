@@ -73,7 +73,7 @@ def test_a_prompt_gives_the_image_outputs_plus_its_frame_and_orbit(models, tmp_p
   assert sorted(os.listdir(out)) == ["a_red_box", "a_red_box-2"]
   folder = out / "a_red_box"
   files = sorted(os.listdir(folder))
-  assert files == ["first_frame.png", "input.png", "mesh.obj", "orbit.mp4", "prompt.txt",
+  assert files == ["first_frame.png", "input.png", "mesh.glb", "orbit.mp4", "prompt.txt",
                    "turntable.mp4"], files
   assert (folder / "prompt.txt").read_text() == "a red box\n"
   orbit = np.stack(imageio.mimread(folder / "orbit.mp4"))

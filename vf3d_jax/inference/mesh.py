@@ -44,11 +44,17 @@ class EmptyMeshError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Mesh:
-  """A triangle mesh with per-vertex colours."""
+  """A triangle mesh with per-vertex colours and, once baked, a UV texture."""
 
   vertices: np.ndarray  # [V, 3] float32 world coordinates, in [-1, 1]^3
   faces: np.ndarray  # [F, 3] int64 vertex indices
   vertex_colors: np.ndarray  # [V, 3] float32 RGB in [0, 1]
+  uv: np.ndarray | None = None  # [V, 2] float32 texture coordinates (texture.py)
+  texture: np.ndarray | None = None  # [S, S, 3] float32 RGB in [0, 1]
+
+  @property
+  def textured(self) -> bool:
+    return self.uv is not None and self.texture is not None
 
 
 def _field_query(params, planes, points, box_size):
@@ -220,32 +226,146 @@ def extract_mesh(query_fn: QueryFn, resolution: int = 512, threshold: float = 1.
   return mesh_from_grid(grid, query_fn, threshold, chunk)
 
 
-def to_trimesh(mesh: Mesh):
-  """The ``trimesh.Trimesh`` with duplicate vertices merged (as upstream).
+def _merged_vertex_ids(vertices: np.ndarray) -> np.ndarray:
+  """Each vertex's index among the distinct positions (marching cubes repeats some)."""
+  _, inverse = np.unique(np.round(vertices, 6), axis=0, return_inverse=True)
+  return inverse.reshape(-1)
 
-  Vertex colours become uint8 RGBA, ``round(255 * c)`` (upstream truncates;
-  at most one level apart).
+
+def _compact(mesh: Mesh, keep_faces: np.ndarray) -> Mesh:
+  """The mesh of the kept faces, without the vertices they no longer use."""
+  faces = mesh.faces[keep_faces]
+  used, faces = np.unique(faces.reshape(-1), return_inverse=True)
+  return Mesh(mesh.vertices[used], faces.reshape(-1, 3).astype(np.int64),
+              mesh.vertex_colors[used])
+
+
+def remove_floaters(mesh: Mesh, min_fraction: float = 0.01) -> Mesh:
+  """Drops the connected pieces with fewer than ``min_fraction`` of the faces.
+
+  Pieces connect through shared vertex positions. The largest piece is always
+  kept, so the result is never empty; ``min_fraction=0`` keeps everything.
+  """
+  import scipy.sparse  # pylint: disable=g-import-not-at-top
+  import scipy.sparse.csgraph  # pylint: disable=g-import-not-at-top
+
+  if min_fraction <= 0 or len(mesh.faces) == 0:
+    return mesh
+  ids = _merged_vertex_ids(mesh.vertices)[mesh.faces]  # [F, 3]
+  rows = np.concatenate([ids[:, 0], ids[:, 1]])
+  cols = np.concatenate([ids[:, 1], ids[:, 2]])
+  count = int(ids.max()) + 1
+  graph = scipy.sparse.coo_matrix((np.ones(len(rows), np.int8), (rows, cols)),
+                                  shape=(count, count))
+  _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+  face_labels = labels[ids[:, 0]]
+  sizes = np.bincount(face_labels)
+  keep = (sizes >= min_fraction * len(mesh.faces)) | (sizes == sizes.max())
+  if keep.all():
+    return mesh
+  return _compact(mesh, keep[face_labels])
+
+
+def simplify(mesh: Mesh, max_faces: int, query_fn: QueryFn | None = None,
+             chunk: int = DEFAULT_CHUNK) -> Mesh:
+  """Quadric-error decimation (fast-simplification) to at most ``max_faces``.
+
+  The new vertices take the field's colour when ``query_fn`` is given, else
+  the colour of the nearest input vertex. ``max_faces <= 0``, or a mesh within
+  the budget, returns the mesh unchanged.
+  """
+  if max_faces <= 0 or len(mesh.faces) <= max_faces:
+    return mesh
+  import fast_simplification  # pylint: disable=g-import-not-at-top
+
+  merged = to_trimesh(mesh)  # decimation needs shared vertices
+  reduction = 1.0 - max_faces / len(merged.faces)
+  vertices, faces = fast_simplification.simplify(
+      np.asarray(merged.vertices, np.float32), np.asarray(merged.faces, np.int64),
+      target_reduction=float(np.clip(reduction, 0.0, 0.999)))
+  vertices = np.asarray(vertices, np.float32)
+  faces = np.asarray(faces, np.int64)
+  if query_fn is not None:
+    colors = query_colors(query_fn, vertices, chunk)
+  else:
+    from scipy.spatial import cKDTree  # pylint: disable=g-import-not-at-top
+    _, nearest = cKDTree(mesh.vertices).query(vertices)
+    colors = mesh.vertex_colors[nearest]
+  return Mesh(vertices, faces, colors.astype(np.float32))
+
+
+def _texture_image(mesh: Mesh):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return Image.fromarray(np.round(np.clip(mesh.texture, 0.0, 1.0) * 255).astype(np.uint8))
+
+
+def to_trimesh(mesh: Mesh, textured: bool | None = None, name: str = "vf3d",
+               material: str = "pbr"):
+  """The ``trimesh.Trimesh`` of the mesh.
+
+  Vertex-coloured (``textured=False``, or a mesh without a texture): duplicate
+  vertices merged, as upstream; colours become uint8 RGBA ``round(255 * c)``
+  (upstream truncates; at most one level apart). Textured: the UV layout and a
+  PBR material whose ``baseColorTexture`` is the texture (not metallic, fully
+  rough: the baked colour is what a viewer shows), vertices kept as they are
+  (seam vertices must stay split). ``material="simple"`` gives the OBJ/MTL
+  material instead: white diffuse times the texture, no ambient or specular.
   """
   import trimesh  # pylint: disable=g-import-not-at-top
 
+  if textured is None:
+    textured = mesh.textured
+  if textured:
+    if not mesh.textured:
+      raise ValueError("the mesh has no texture; bake one first (texture.bake_texture)")
+    if material == "simple":
+      material = trimesh.visual.material.SimpleMaterial(
+          name=name, image=_texture_image(mesh), diffuse=(255, 255, 255, 255),
+          ambient=(0, 0, 0, 255), specular=(0, 0, 0, 255), glossiness=1.0)
+    else:
+      material = trimesh.visual.material.PBRMaterial(
+          name=name, baseColorTexture=_texture_image(mesh), metallicFactor=0.0,
+          roughnessFactor=1.0, doubleSided=False)
+    visual = trimesh.visual.TextureVisuals(uv=mesh.uv, material=material)
+    return trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, visual=visual,
+                           process=False)
   rgb = np.round(np.clip(mesh.vertex_colors, 0.0, 1.0) * 255.0).astype(np.uint8)
   rgba = np.concatenate([rgb, np.full((rgb.shape[0], 1), 255, np.uint8)], axis=1)
   return trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces,
                          vertex_colors=rgba, process=True)
 
 
-def export_mesh(mesh: Mesh, path: str | os.PathLike) -> str:
-  """Writes ``.obj``, ``.glb`` or ``.ply`` (by extension), atomically.
+def _write_atomic(path: str, data: bytes) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  handle, temp_path = tempfile.mkstemp(
+      dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(handle, "wb") as f:
+      f.write(data)
+    os.chmod(temp_path, 0o644)  # mkstemp makes it private; a mesh is not
+    os.replace(temp_path, path)
+  except BaseException:
+    if os.path.exists(temp_path):
+      os.remove(temp_path)
+    raise
 
-  The file is written next to its destination under a temporary name and
-  renamed into place, so a failure never leaves a partial file behind.
+
+def export_mesh(mesh: Mesh, path: str | os.PathLike) -> list[str]:
+  """Writes ``.obj``, ``.glb`` or ``.ply`` (by extension), each file atomically.
+
+  A textured mesh becomes a GLB with the texture embedded as the material's
+  ``baseColorTexture``, or an OBJ with ``<stem>.mtl`` and ``<stem>.png`` next
+  to it. PLY holds vertex colours only (it has no standard texture), as do
+  all three for a mesh without a texture. Every file is written next to its
+  destination under a temporary name and renamed into place, so a failure
+  never leaves a partial file behind.
 
   Args:
-    mesh: the mesh; its vertices are merged on export.
+    mesh: the mesh.
     path: destination; missing folders are created.
 
   Returns:
-    The path written.
+    The paths written, the mesh file first.
 
   Raises:
     ValueError: unknown extension.
@@ -258,20 +378,27 @@ def export_mesh(mesh: Mesh, path: str | os.PathLike) -> str:
                      f"use one of {', '.join(MESH_FORMATS)}")
   if len(mesh.faces) == 0:
     raise EmptyMeshError(f"refusing to write an empty mesh to {path}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  textured = mesh.textured and extension != ".ply"
+  stem = os.path.splitext(os.path.basename(path))[0]
+  tm = to_trimesh(mesh, textured, name=stem,
+                  material="simple" if extension == ".obj" else "pbr")
+  files = {}  # name -> bytes
+  if textured and extension == ".obj":
+    from trimesh.exchange import obj  # pylint: disable=g-import-not-at-top
+    text, extra = obj.export_obj(tm, include_texture=True, return_texture=True,
+                                 mtl_name=f"{stem}.mtl", include_normals=False)
+    data = text.encode("utf-8")
+    files = {name: bytes(content) for name, content in extra.items()}
+  else:
+    data = tm.export(file_type=extension[1:])
+    if isinstance(data, str):
+      data = data.encode("utf-8")
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  data = to_trimesh(mesh).export(file_type=extension[1:])
-  if isinstance(data, str):
-    data = data.encode("utf-8")
-  handle, temp_path = tempfile.mkstemp(
-      dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(handle, "wb") as f:
-      f.write(data)
-    os.chmod(temp_path, 0o644)  # mkstemp makes it private; a mesh is not
-    os.replace(temp_path, path)
-  except BaseException:
-    if os.path.exists(temp_path):
-      os.remove(temp_path)
-    raise
-  return path
+  written = []
+  for name, content in files.items():  # the texture and MTL first: the OBJ refers to them
+    target = os.path.join(folder, name)
+    _write_atomic(target, content)
+    written.append(target)
+  _write_atomic(path, data)
+  return [path] + written

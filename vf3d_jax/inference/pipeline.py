@@ -39,6 +39,7 @@ import tqdm
 from vf3d_jax import pretrained
 from vf3d_jax.inference import mesh as mesh_lib
 from vf3d_jax.inference import preprocess
+from vf3d_jax.inference import texture as texture_lib
 from vf3d_jax.models.lrm import LRM, LRMArch
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import renderer
@@ -120,10 +121,23 @@ class Reconstructor:
       frames.append(np.asarray(out["rgb"]))
     return np.clip(np.concatenate(frames), 0.0, 1.0)
 
-  def mesh(self, planes: jax.Array, progress: bool | None = None) -> mesh_lib.Mesh:
+  def mesh(self, planes: jax.Array, progress: bool | None = None,
+           seconds: dict[str, float] | None = None) -> mesh_lib.Mesh:
+    """Marching cubes, floaters removed, decimated to ``mesh.max_faces``, then (with
+    ``mesh.texture=uv``) unwrapped and baked; ``seconds`` receives ``mesh`` and ``texture``."""
     m = self.config.mesh
+    seconds = {} if seconds is None else seconds
+    start = time.perf_counter()
     query = mesh_lib.field_query_fn(self.params, planes)
-    return mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk, progress=progress)
+    mesh = mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk, progress=progress)
+    mesh = mesh_lib.remove_floaters(mesh, m.min_component)
+    mesh = mesh_lib.simplify(mesh, m.max_faces, query, m.chunk)
+    seconds["mesh"] = time.perf_counter() - start
+    if m.texture == "uv":
+      start = time.perf_counter()
+      mesh = texture_lib.bake_texture(mesh, query, m.texture_size, chunk=m.chunk)
+      seconds["texture"] = time.perf_counter() - start
+    return mesh
 
   def __call__(self, image_path, key: jax.Array | None,
                progress: bool | None = None) -> Reconstruction:
@@ -150,10 +164,10 @@ class Reconstructor:
     if self.config.mesh.enabled:
       start = time.perf_counter()
       try:
-        mesh = self.mesh(planes, progress)
+        mesh = self.mesh(planes, progress, seconds)
       except mesh_lib.EmptyMeshError as e:
         mesh_error = str(e)
-      seconds["mesh"] = time.perf_counter() - start
+        seconds["mesh"] = time.perf_counter() - start
     return Reconstruction(image, np.asarray(planes), frames, mesh, mesh_error, seconds,
                           matte=info["alpha_source"],
                           foreground_fraction=float(np.mean(info["alpha"] > 0.5)))
@@ -199,7 +213,7 @@ def save_reconstruction(result: Reconstruction, folder: str, config,
     written.append(write_video(result.frames, os.path.join(folder, f"turntable.{config.render.format}"),
                                config.render.fps))
   if result.mesh is not None:
-    written.append(mesh_lib.export_mesh(result.mesh, os.path.join(folder, f"mesh.{config.mesh.format}")))
+    written += mesh_lib.export_mesh(result.mesh, os.path.join(folder, f"mesh.{config.mesh.format}"))
   if save_arrays:
     # The one NCHW boundary: planes.npy is [3, C, H, W] like the PyTorch model's.
     planes = result.planes.transpose(0, 3, 1, 2)
@@ -315,6 +329,14 @@ def validate_config(config) -> None:
     raise ValueError(f"render.format must be mp4 or gif, got {config.render.format!r}")
   if config.mesh.format not in ("obj", "glb", "ply"):
     raise ValueError(f"mesh.format must be obj, glb or ply, got {config.mesh.format!r}")
+  if config.mesh.texture not in ("uv", "vertex"):
+    raise ValueError(f"mesh.texture must be uv or vertex, got {config.mesh.texture!r}")
+  if config.mesh.texture == "uv" and config.mesh.format == "ply":
+    raise ValueError("mesh.texture=uv needs mesh.format glb or obj (PLY has no texture); "
+                     "or set mesh.texture=vertex")
+  if not 0 <= config.mesh.min_component < 1:
+    raise ValueError(f"mesh.min_component must be in [0, 1), got {config.mesh.min_component!r}")
+  _positive(config, ["mesh.max_faces"], minimum=0)
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
   ratio = config.preprocess.foreground_ratio
@@ -331,16 +353,24 @@ def validate_config(config) -> None:
   if config.mesh.enabled:
     _positive(config, ["mesh.chunk"])
     _positive(config, ["mesh.resolution"], minimum=2)
+    if config.mesh.texture == "uv":
+      _positive(config, ["mesh.texture_size"], minimum=16)
 
 
 def _summary(result: Reconstruction) -> str:
   t = result.seconds
-  parts = [f"{stage} {t[stage]:.2f} s" for stage in ("preprocess", "planes", "video", "mesh")
-           if stage in t]
-  if result.mesh is not None:
-    parts[-1] += f" ({len(result.mesh.vertices):,} vertices)"
-  elif result.mesh_error:
-    parts[-1] += " (empty surface: no mesh written)"
+  parts = []
+  for stage in ("preprocess", "planes", "video", "mesh", "texture"):
+    if stage not in t:
+      continue
+    parts.append(f"{stage} {t[stage]:.2f} s")
+    if stage == "mesh" and result.mesh is not None:
+      parts[-1] += f" ({len(result.mesh.faces):,} faces)"
+    elif stage == "mesh" and result.mesh_error:
+      parts[-1] += " (empty surface: no mesh written)"
+    elif stage == "texture" and result.mesh is not None and result.mesh.textured:
+      side = result.mesh.texture.shape[0]
+      parts[-1] += f" ({side}x{side})"
   matte = f"matte {result.matte}, foreground {100 * result.foreground_fraction:.0f}%"
   return matte + "; " + ", ".join(parts) + f"; total {sum(t.values()):.2f} s"
 
