@@ -49,8 +49,11 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   c.preprocess = ml_collections.ConfigDict()
   c.preprocess.foreground_ratio = 0.8  # object's longer side over the image side
   # Background removal for opaque images: auto (rembg isnet-general-use when installed with its
-  # model, else builtin), builtin, grabcut, none, rembg[:<model>] or a registered name.
+  # model, else grabcut), grabcut, builtin (one border colour), none, rembg[:<model>] or a
+  # registered name.
   c.preprocess.matting = "auto"
+  # A built-in matte (builtin, grabcut) on a background too complex for it warns; strict refuses.
+  c.preprocess.strict = False
   c.preprocess.max_side = 2048  # larger images are area-downscaled to this longer side first
 
   c.render = ml_collections.ConfigDict()

@@ -281,3 +281,25 @@ def test_cli_end_to_end_with_overrides(workspace, tmp_path):
       [sys.executable, "-m", "vf3d_jax.infer", "--config.render.num_veiws=3"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert typo.returncode != 0 and "num_veiws" in typo.stderr
+
+
+def test_a_complex_background_warns_and_strict_refuses(workspace, tmp_path, capsys):
+  root, ckpt, _ = workspace
+  yy, xx = np.mgrid[0:96, 0:96] / 95
+  rgb = np.stack([0.6 + 0.2 * xx, 0.6 + 0.2 * yy, 0.7 * np.ones_like(xx)], -1)
+  rgb[(yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.04] = (0.8, 0.1, 0.1)
+  rgb[0:30, 5:25] = (0.1, 0.3, 0.9)  # other shapes crossing the border
+  rgb[70:96, 60:90] = (0.1, 0.8, 0.2)
+  path = tmp_path / "busy.png"
+  Image.fromarray((rgb * 255).astype(np.uint8)).save(path)
+  config = _config()
+  config.preprocess.matting = "grabcut"
+  config.mesh.enabled = False
+  results = infer.run(config, str(ckpt), str(path), str(tmp_path / "out"), progress=False)
+  assert "folder" in results[str(path)]
+  err = capsys.readouterr().err
+  assert f"{path}: warning: the background looks too complex for the grabcut matte" in err
+  config.preprocess.strict = True
+  results = infer.run(config, str(ckpt), str(path), str(tmp_path / "strict"), progress=False)
+  assert "strict refuses" in results[str(path)]["error"]
+  assert not (tmp_path / "strict" / "busy").exists()

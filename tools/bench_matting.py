@@ -6,7 +6,9 @@ r"""The matting benchmark: mean IoU of each matte against known alpha.
 Cases (vf3d_jax/evaluation/matting.py): procedural renders with exact alpha,
 composited over plain, gradient, noise, clutter and photo-like backgrounds,
 centred, off-centre or cut by the border. Prints one row per method (mean,
-min, per background, per placement, seconds per image); JSON on the last line.
+min, per background, per placement, seconds per image), then how the
+confidence check (``check_matte``) judges each method's mattes; JSON on the
+last line.
 """
 
 import json
@@ -36,10 +38,15 @@ def main(argv):
     if name not in preprocess.MATTING_METHODS:
       raise SystemExit(f"unknown matting method {name!r}; registered: "
                        f"{sorted(preprocess.MATTING_METHODS)}")
-    result = matting_benchmark.score(preprocess.MATTING_METHODS[name], cases)
-    results[name] = {k: v for k, v in result.items() if k != "per_case"}
+    result = matting_benchmark.score(preprocess.MATTING_METHODS[name], cases, check=True)
+    results[name] = {k: v for k, v in result.items() if not k.startswith("per_case")}
     print(f"{name:<8} " + " ".join(f"{result[k]:>10.3f}" for k in keys)
           + f"   {result['seconds_per_image']:.3f}")
+  print(f"\nconfidence check (check_matte; failed = IoU < {matting_benchmark.FAILED_IOU}):")
+  for name, result in results.items():
+    print(f"{name:<8} warned {100 * result['warned_fraction']:.0f}%, failures warned "
+          f"{result['failures_warned']}, good mattes warned {result['good_warned']}, "
+          f"mean IoU of the unwarned {result['unwarned_mean_iou']:.3f}")
   print(json.dumps(results))
 
 

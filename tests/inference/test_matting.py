@@ -49,13 +49,58 @@ def test_grabcut_beats_the_border_colour_matte(cases):
   assert grabcut["mean_iou"] > border["mean_iou"] + 0.25, (border, grabcut)
 
 
-def test_report_confidence_is_high_on_plain_and_low_on_clutter(cases):
-  plain = next(c for c in cases if c["background"] == "plain")
-  clutter = next(c for c in cases if c["background"] == "clutter")
-  _, plain_report = matting.grabcut_matte(plain["rgb"], return_report=True)
-  _, clutter_report = matting.grabcut_matte(clutter["rgb"], return_report=True)
-  assert plain_report.confidence > 0.8
-  assert clutter_report.confidence < plain_report.confidence
+def _disc_scene(clutter: bool = False, faint: bool = False, size: int = 96):
+  """A red disc on a grey gradient; optionally with other shapes crossing the border, or
+  nearly the background's colour in noise."""
+  yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+  rgb = np.stack([0.6 + 0.2 * xx, 0.6 + 0.2 * yy, 0.7 * np.ones_like(xx)], -1)
+  disc = (yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.2 ** 2
+  rgb[disc] = (0.68, 0.7, 0.7) if faint else (0.8, 0.1, 0.1)
+  if clutter:
+    rgb[0:30, 5:25] = (0.1, 0.3, 0.9)
+    rgb[70:96, 60:90] = (0.1, 0.8, 0.2)
+    rgb[40:60, 80:96] = (0.9, 0.9, 0.1)
+  if faint:
+    rgb += np.random.default_rng(0).normal(0, 0.03, rgb.shape)
+  return np.clip(rgb, 0, 1).astype(np.float32), disc
+
+
+def test_check_passes_clean_scenes_and_flags_clutter_and_faint_objects():
+  rgb, disc = _disc_scene()
+  check = matting.check_matte(rgb, matting.grabcut_matte(rgb))
+  assert not check.too_complex and check.reason() == "none", check
+  assert check.border_edges == 0.0 and check.confidence > 0.8
+  rgb, _ = _disc_scene(clutter=True)
+  check = matting.check_matte(rgb, disc.astype(np.float32))  # even given the right matte
+  assert check.too_complex and "cross the image border" in check.reason(), check
+  rgb, _ = _disc_scene(faint=True)
+  check = matting.check_matte(rgb, disc.astype(np.float32))
+  assert check.too_complex and "stands out little" in check.reason(), check
+
+
+def test_check_warns_of_the_failures_on_the_benchmark():
+  cases = matting_benchmark.make_cases(20, size=128, object_size=80, seed=5)
+  result = matting_benchmark.score(preprocess.MATTING_METHODS["grabcut"], cases, check=True)
+  caught, failures = map(int, result["failures_warned"].split("/"))
+  false_alarms, good = map(int, result["good_warned"].split("/"))
+  assert failures >= 3 and caught >= failures / 2, result
+  assert false_alarms <= good / 5, result
+  assert result["unwarned_mean_iou"] > result["mean_iou"] + 0.05, result
+
+
+def test_preprocess_warns_or_refuses_on_a_complex_background():
+  rgb, _ = _disc_scene(clutter=True)
+  _, info = preprocess.preprocess_image(rgb, size=32, matting_fn="grabcut")
+  assert "too complex for the grabcut matte" in info["matte_warning"]
+  assert "rembg" in info["matte_warning"] and "RGBA" in info["matte_warning"]
+  with pytest.raises(preprocess.ComplexBackgroundError, match="strict refuses"):
+    preprocess.preprocess_image(rgb, size=32, matting_fn="grabcut", strict=True)
+  # A clean scene, and mattes that are not built-in, pass without a word.
+  clean, _ = _disc_scene()
+  assert preprocess.preprocess_image(clean, size=32, matting_fn="grabcut",
+                                     strict=True)[1]["matte_warning"] is None
+  assert preprocess.preprocess_image(rgb, size=32, matting_fn="none",
+                                     strict=True)[1]["matte_warning"] is None
 
 
 def test_rembg_never_downloads_and_says_how_to_get_the_model(tmp_path, monkeypatch):
@@ -105,7 +150,7 @@ def test_auto_uses_rembg_when_installed_with_its_model(tmp_path, monkeypatch):
   rgb = np.ones((32, 32, 3), np.float32)
   rgb[8:24, 8:24] = 0.0
   # The package without the model file: auto falls back, rembg names the file.
-  assert preprocess._resolve_matting("auto")[1] == "builtin"
+  assert preprocess._resolve_matting("auto")[1] == "grabcut"
   with pytest.raises(RuntimeError, match="rembg d isnet-general-use"):
     preprocess._resolve_matting("rembg")
   (tmp_path / "isnet-general-use.onnx").write_bytes(b"")
@@ -127,4 +172,4 @@ def test_infer_config_names_a_missing_rembg_model(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"^preprocess.matting: rembg model 'u2net' not found"):
     pipeline.validate_config(config)
   config.preprocess.matting = "auto"
-  pipeline.validate_config(config)  # no model file: auto is the built-in matte
+  pipeline.validate_config(config)  # no model file: auto is the GrabCut matte

@@ -146,15 +146,41 @@ def iou(pred: np.ndarray, target: np.ndarray) -> float:
   return float(np.logical_and(p, t).sum() / union) if union else 1.0
 
 
-def score(matting_fn: Callable[[np.ndarray], np.ndarray], cases: list[dict]) -> dict:
-  """Mean IoU overall, per background and per placement, and seconds per image."""
-  ious, start = [], time.perf_counter()
+# A matte below this IoU counts as failed when scoring the confidence check.
+FAILED_IOU = 0.85
+
+
+def score(matting_fn: Callable[[np.ndarray], np.ndarray], cases: list[dict],
+          check: bool = False) -> dict:
+  """Mean IoU overall, per background and per placement, and seconds per image.
+
+  With ``check``, also how ``inference.matting.check_matte`` judges each
+  matte: the fraction warned, the failures (IoU < ``FAILED_IOU``) it warns
+  of, the good mattes it warns of, and the mean IoU of the mattes it passes.
+  """
+  from vf3d_jax.inference import matting  # pylint: disable=g-import-not-at-top
+
+  ious, warned, seconds = [], [], 0.0
   for case in cases:
-    ious.append(iou(np.asarray(matting_fn(case["rgb"])), case["alpha"]))
-  seconds = (time.perf_counter() - start) / max(len(cases), 1)
+    start = time.perf_counter()
+    alpha = np.asarray(matting_fn(case["rgb"]))
+    seconds += time.perf_counter() - start
+    ious.append(iou(alpha, case["alpha"]))
+    if check:
+      warned.append(matting.check_matte(case["rgb"], alpha).too_complex)
+  seconds /= max(len(cases), 1)
   ious = np.asarray(ious)
   result = {"mean_iou": float(ious.mean()), "min_iou": float(ious.min()),
             "seconds_per_image": seconds, "per_case": ious.tolist()}
+  if check:
+    warned = np.asarray(warned, bool)
+    failed = ious < FAILED_IOU
+    result.update(
+        warned_fraction=float(warned.mean()),
+        failures_warned=f"{int((failed & warned).sum())}/{int(failed.sum())}",
+        good_warned=f"{int((~failed & warned).sum())}/{int((~failed).sum())}",
+        unwarned_mean_iou=float(ious[~warned].mean()) if (~warned).any() else float("nan"),
+        per_case_warned=warned.tolist())
   for key, names in (("background", BACKGROUNDS), ("placement", PLACEMENTS)):
     for name in names:
       picked = [v for v, c in zip(ious, cases) if c[key] == name]

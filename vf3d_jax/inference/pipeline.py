@@ -68,6 +68,7 @@ class Reconstruction:
   seconds: dict[str, float]
   matte: str = "image"  # where the object mask came from: "image" (alpha) or the matting method
   foreground_fraction: float = 0.0  # of the (working-size) input covered by the mask
+  matte_warning: str | None = None  # a built-in matte that is likely wrong, and what to do
 
 
 class Reconstructor:
@@ -147,7 +148,8 @@ class Reconstructor:
         image_path, size=self.arch.input_size,
         foreground_ratio=self.config.preprocess.foreground_ratio,
         matting_fn=self.config.preprocess.matting,
-        max_side=self.config.preprocess.max_side)
+        max_side=self.config.preprocess.max_side,
+        strict=self.config.preprocess.get("strict", False))
     seconds["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -170,7 +172,8 @@ class Reconstructor:
         seconds["mesh"] = time.perf_counter() - start
     return Reconstruction(image, np.asarray(planes), frames, mesh, mesh_error, seconds,
                           matte=info["alpha_source"],
-                          foreground_fraction=float(np.mean(info["alpha"] > 0.5)))
+                          foreground_fraction=float(np.mean(info["alpha"] > 0.5)),
+                          matte_warning=info.get("matte_warning"))
 
 
 def _atomic(path: str, write) -> str:
@@ -408,11 +411,13 @@ def _run(config, checkpoint, image, output, deterministic, save_arrays, progress
       written = write_folder(folder, functools.partial(
           save_reconstruction, result, config=config, save_arrays=save_arrays))
       written = [os.path.join(folder, os.path.basename(p)) for p in written]
-    except (preprocess.ImageLoadError, preprocess.EmptyForegroundError, ValueError,
-            OSError) as e:
+    except (preprocess.ImageLoadError, preprocess.EmptyForegroundError,
+            preprocess.ComplexBackgroundError, ValueError, OSError) as e:
       tqdm.tqdm.write(f"{path}: error: {e}", file=sys.stderr)
       results[path] = {"error": str(e)}
       continue
+    if result.matte_warning:
+      tqdm.tqdm.write(f"{path}: warning: {result.matte_warning}", file=sys.stderr)
     tqdm.tqdm.write(f"{path} -> {folder}: {_summary(result)}", file=sys.stdout)
     results[path] = {"folder": folder, "files": written, "seconds": result.seconds,
                      "mesh_error": result.mesh_error}

@@ -64,6 +64,16 @@ class EmptyForegroundError(ValueError):
   """No object was found in the image (alpha is zero everywhere)."""
 
 
+class ComplexBackgroundError(ValueError):
+  """Strict matting: the background looks too complex for the built-in mattes."""
+
+
+# The mattes without learned weights, whose result check_matte judges.
+BUILTIN_MATTES = ("builtin", "grabcut")
+MATTE_ADVICE = ("install rembg (pip install 'vf3d_jax[matting]', then fetch its model once: "
+                "rembg d isnet-general-use) or pass an RGBA cut-out")
+
+
 # --------------------------------------------------------------------------
 # Reading.
 
@@ -328,7 +338,7 @@ def _resolve_matting(matting_fn: MattingFn | str | None) -> tuple[MattingFn, str
   ``"rembg"`` / ``"rembg:<model>"`` (rembg with its local model file; a
   missing package or file raises ``RuntimeError`` saying how to get it) and
   ``"auto"`` (rembg's ``isnet-general-use`` when it is installed with its
-  model, else ``"builtin"``)."""
+  model, else ``"grabcut"``, the better of the mattes without weights)."""
   if matting_fn is None:
     matting_fn = "builtin"
   if isinstance(matting_fn, str) and matting_fn not in MATTING_METHODS:
@@ -337,7 +347,7 @@ def _resolve_matting(matting_fn: MattingFn | str | None) -> tuple[MattingFn, str
       if matting.rembg_available(matting.REMBG_DEFAULT_MODEL)[0]:
         matting_fn = f"rembg:{matting.REMBG_DEFAULT_MODEL}"
       else:
-        return MATTING_METHODS["builtin"], "builtin"
+        return MATTING_METHODS["grabcut"], "grabcut"
     if matting_fn == "rembg" or matting_fn.startswith("rembg:"):
       model = matting_fn.partition(":")[2] or matting.REMBG_DEFAULT_MODEL
       return _rembg(model), f"rembg:{model}"
@@ -587,7 +597,8 @@ def load_rgba(image: ImageInput, max_side: int | None = MAX_SIDE
 def preprocess_image(image: ImageInput, size: int = 512,
                      foreground_ratio: float = 0.8,
                      matting_fn: MattingFn | str | None = None,
-                     max_side: int | None = MAX_SIDE) -> tuple[np.ndarray, dict[str, Any]]:
+                     max_side: int | None = MAX_SIDE,
+                     strict: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
   """Turns a photo or cut-out into the model's input image.
 
   Args:
@@ -600,25 +611,38 @@ def preprocess_image(image: ImageInput, size: int = 512,
       ``remove_background``. Images with meaningful alpha keep theirs.
     max_side: a larger input is area-downscaled to this longer side first
       (``MAX_SIDE``; None: never).
+    strict: refuse (``ComplexBackgroundError``) instead of warning when a
+      built-in matte's ``check_matte`` finds the background too complex.
 
   Returns:
     ``(image [size, size, 3] float32 in [0, 1], info)``; ``info`` holds
     ``input_size`` ``(H, W)``, ``working_size`` ``(H', W')`` (after the
     downscale), ``alpha_source`` (``"image"`` or the matting method's name),
-    ``alpha`` (``[H', W']`` float32, the matte used) and the geometry from
-    ``recenter`` (in working pixels).
+    ``alpha`` (``[H', W']`` float32, the matte used), ``matte_warning``
+    (``None``, or why a built-in matte is likely wrong, and what to do) and
+    the geometry from ``recenter`` (in working pixels).
 
   Raises:
     ImageLoadError: unreadable input file.
     EmptyForegroundError: no object found.
+    ComplexBackgroundError: ``strict`` and a built-in matte failed its check.
   """
   rgba, input_size, source = load_rgba(image, max_side)
+  warning = None
   if has_meaningful_alpha(rgba):
     alpha_source = "image"
   else:
     method, alpha_source = _resolve_matting(matting_fn)
     alpha = _check_alpha(method(rgba[..., :3].copy()), rgba.shape[:2], alpha_source)
     rgba = np.concatenate([rgba[..., :3], alpha[..., None]], -1)
+    if alpha_source in BUILTIN_MATTES and np.any(alpha > 0.5):
+      from vf3d_jax.inference import matting  # pylint: disable=import-outside-toplevel
+      check = matting.check_matte(rgba[..., :3], alpha)
+      if check.too_complex:
+        warning = (f"the background looks too complex for the {alpha_source} matte "
+                   f"({check.reason()}); {MATTE_ADVICE}")
+        if strict:
+          raise ComplexBackgroundError(f"{source}: {warning} (preprocess.strict refuses it)")
   if not np.any(rgba[..., 3] > ALPHA_NONZERO):
     hint = ("its alpha channel is zero everywhere" if alpha_source == "image" else
             f"matting {alpha_source!r} found no object; pass an RGBA cut-out or another matting_fn")
@@ -629,5 +653,5 @@ def preprocess_image(image: ImageInput, size: int = 512,
     raise EmptyForegroundError(f"{source}: {e}") from e
   result = resize_to_model_input(composite_on_white(canvas), size)
   info.update(input_size=input_size, working_size=rgba.shape[:2], alpha_source=alpha_source,
-              alpha=rgba[..., 3])
+              alpha=rgba[..., 3], matte_warning=warning)
   return result, info
