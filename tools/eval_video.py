@@ -16,7 +16,8 @@ own first frame against the true one (``first_psnr``: does it keep the object). 
 direction test (``video_trainer.direction_losses``): the model's denoising
 loss on each true orbit against the same orbit flown backwards, with a
 bootstrap 95% interval of the mean gain over clips. Writes one
-JSON line per setting, and per setting a grid (rows: renders, then samples) and
+JSON line per setting (appended as each finishes; a rerun with the same ``--output`` skips
+the settings already in its ``scores.jsonl``, so a killed run resumes), and per setting a grid (rows: renders, then samples) and
 the sampled clips as ``samples_img<w>_txt<w>.npy``.
 """
 
@@ -52,8 +53,23 @@ _REPLACE = flags.DEFINE_bool("replace_first_frame", False,
 _OUTPUT = flags.DEFINE_string("output", "", "Folder for the grids and scores.jsonl.")
 
 
+def _done(output: str) -> list[dict]:
+  """The lines an earlier run with this ``--output`` already wrote."""
+  path = os.path.join(output, "scores.jsonl") if output else ""
+  if not path or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip().startswith("{")]
+
+
+def _setting_key(line: dict) -> tuple:
+  return tuple(line.get(k) for k in ("test", "image_scale", "text_scale", "sampler", "steps",
+                                     "guidance_rescale", "replace_first_frame", "num_videos"))
+
+
 def main(argv):
   del argv
+  done = {_setting_key(line) for line in _done(_OUTPUT.value)}
   model, params = model_lib.load_export(sampling.resolve_model_path(_MODEL.value))
   encoders = model.load_encoders()
   config = video_configs.get_config("tiny")
@@ -65,6 +81,24 @@ def main(argv):
   if _OUTPUT.value:
     os.makedirs(_OUTPUT.value, exist_ok=True)
   # The direction test needs no sampling: losses of true against mirrored orbits.
+  if _setting_key({"test": "direction_losses", "num_videos": len(prompts)}) in done:
+    print(f"direction_losses: already in {_OUTPUT.value}/scores.jsonl")
+  else:
+    _direction_test(model, params, encoders, truth, prompts)
+  for setting in _GUIDANCE.value:
+    image_scale, text_scale = (float(v) for v in setting.split(","))
+    key = _setting_key({"image_scale": image_scale, "text_scale": text_scale,
+                        "sampler": _SAMPLER.value, "steps": _STEPS.value,
+                        "guidance_rescale": _RESCALE.value, "replace_first_frame": _REPLACE.value,
+                        "num_videos": len(prompts)})
+    if key in done:
+      print(f"image_scale {image_scale:g}, text_scale {text_scale:g}: already in "
+            f"{_OUTPUT.value}/scores.jsonl")
+      continue
+    _sample_setting(model, params, encoders, truth, prompts, image_scale, text_scale)
+
+
+def _direction_test(model, params, encoders, truth, prompts):
   losses = video_trainer.direction_losses(model, params, encoders, truth, prompts,
                                           jax.random.key(_SEED.value + 11))
   gain = losses["mirrored"] - losses["forward"]
@@ -75,44 +109,46 @@ def main(argv):
           "direction_loss_gain_ci95": [float(v) for v in np.percentile(boot, [2.5, 97.5])]}
   print(json.dumps(line))
   if _OUTPUT.value:
+    np.savez(os.path.join(_OUTPUT.value, "direction_losses.npz"), **losses)
     with open(os.path.join(_OUTPUT.value, "scores.jsonl"), "a") as f:
       f.write(json.dumps(line) + "\n")
-    np.savez(os.path.join(_OUTPUT.value, "direction_losses.npz"), **losses)
-  for setting in _GUIDANCE.value:
-    image_scale, text_scale = (float(v) for v in setting.split(","))
-    options = sampling.SampleOptions(sampler=_SAMPLER.value, num_steps=_STEPS.value,
-                                     image_scale=image_scale, text_scale=text_scale,
-                                     guidance_rescale=_RESCALE.value,
-                                     replace_first_frame=_REPLACE.value)
-    # A bar over the clips when stderr is a terminal (none in logs).
-    samples = np.concatenate([clips for _, clips in sampling.sample_batches(
-        model, params, encoders, prompts, seed=_SEED.value, batch_size=_BATCH.value,
-        first_frames=truth[:, 0], options=options,
-        desc=f"image_scale {image_scale:g}, text_scale {text_scale:g}")])
-    scores = video_trainer.consistency_scores(samples, truth)
-    gain, distinct = video_trainer.direction_frames(samples, truth)
-    boot = [(video_trainer.direction_accuracy(gain[i], distinct[i]), gain[i].mean())
-            for i in (rng.choice(len(gain), len(gain)) for _ in range(2000))]
-    for name, values in zip(("direction_accuracy", "direction_iou_gain"), zip(*boot)):
-      scores[f"{name}_ci95"] = [float(v) for v in np.percentile(values, [2.5, 97.5])]
-    scores["first_psnr"] = float(jnp.mean(metrics_lib.psnr(jnp.asarray(samples[:, 0]),
-                                                            jnp.asarray(truth[:, 0]))))
-    line = {"image_scale": image_scale, "text_scale": text_scale, "sampler": _SAMPLER.value,
-            "steps": _STEPS.value, "guidance_rescale": _RESCALE.value,
-            "replace_first_frame": _REPLACE.value,
-            "num_videos": len(prompts), **scores}
-    print(json.dumps(line))
-    if _OUTPUT.value:
-      with open(os.path.join(_OUTPUT.value, "scores.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
-      rows = [r for pair in zip(truth[:8], samples[:8]) for r in pair]
-      grid = (np.clip(video_trainer.clip_grid(rows), 0, 1) * 255).round().astype(np.uint8)
-      name = (f"img{image_scale:g}_txt{text_scale:g}"
-              + (f"_rescale{_RESCALE.value:g}" if _RESCALE.value else "")
-              + ("_replace" if _REPLACE.value else ""))
-      Image.fromarray(grid).save(os.path.join(_OUTPUT.value, f"grid_{name}.png"))
-      # The clips themselves, [B, F, R, R, 3] in [0, 1], for other scores.
-      np.save(os.path.join(_OUTPUT.value, f"samples_{name}.npy"), samples.astype(np.float32))
+
+
+def _sample_setting(model, params, encoders, truth, prompts, image_scale, text_scale):
+  rng = np.random.default_rng(0)  # bootstrap: the same intervals whichever settings ran before
+  options = sampling.SampleOptions(sampler=_SAMPLER.value, num_steps=_STEPS.value,
+                                   image_scale=image_scale, text_scale=text_scale,
+                                   guidance_rescale=_RESCALE.value,
+                                   replace_first_frame=_REPLACE.value)
+  # A bar over the clips when stderr is a terminal (none in logs).
+  samples = np.concatenate([clips for _, clips in sampling.sample_batches(
+      model, params, encoders, prompts, seed=_SEED.value, batch_size=_BATCH.value,
+      first_frames=truth[:, 0], options=options,
+      desc=f"image_scale {image_scale:g}, text_scale {text_scale:g}")])
+  scores = video_trainer.consistency_scores(samples, truth)
+  gain, distinct = video_trainer.direction_frames(samples, truth)
+  boot = [(video_trainer.direction_accuracy(gain[i], distinct[i]), gain[i].mean())
+          for i in (rng.choice(len(gain), len(gain)) for _ in range(2000))]
+  for name, values in zip(("direction_accuracy", "direction_iou_gain"), zip(*boot)):
+    scores[f"{name}_ci95"] = [float(v) for v in np.percentile(values, [2.5, 97.5])]
+  scores["first_psnr"] = float(jnp.mean(metrics_lib.psnr(jnp.asarray(samples[:, 0]),
+                                                          jnp.asarray(truth[:, 0]))))
+  line = {"image_scale": image_scale, "text_scale": text_scale, "sampler": _SAMPLER.value,
+          "steps": _STEPS.value, "guidance_rescale": _RESCALE.value,
+          "replace_first_frame": _REPLACE.value,
+          "num_videos": len(prompts), **scores}
+  print(json.dumps(line))
+  if _OUTPUT.value:  # the pictures first: a setting is done once its line is written
+    rows = [r for pair in zip(truth[:8], samples[:8]) for r in pair]
+    grid = (np.clip(video_trainer.clip_grid(rows), 0, 1) * 255).round().astype(np.uint8)
+    name = (f"img{image_scale:g}_txt{text_scale:g}"
+            + (f"_rescale{_RESCALE.value:g}" if _RESCALE.value else "")
+            + ("_replace" if _REPLACE.value else ""))
+    Image.fromarray(grid).save(os.path.join(_OUTPUT.value, f"grid_{name}.png"))
+    # The clips themselves, [B, F, R, R, 3] in [0, 1], for other scores.
+    np.save(os.path.join(_OUTPUT.value, f"samples_{name}.npy"), samples.astype(np.float32))
+    with open(os.path.join(_OUTPUT.value, "scores.jsonl"), "a") as f:
+      f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

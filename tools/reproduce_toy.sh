@@ -15,7 +15,9 @@
 #   LRM           = configs/lrm.py:toy, 8000 steps of 8 objects x 2 views, for (a) 3D only, (b) synthetic only,
 #                   (c) synthetic then 2000 steps of fine-tuning on 3D; seeds 0 and 1
 # Environment: R (runs folder, default runs/toy), D (data folder, default data), SEEDS (default "0 1"),
-# PROMPTS (engine prompts, default 2000: about 16 s a video on 2 cores, so 9 h; 500 fits 2.3 h).
+# PROMPTS (engine prompts, default 2000: about 16 s a video on 2 cores, so 9 h; 500 fits 2.3 h),
+# FRESH (1: train the image prior and the video model again instead of using the committed
+# examples/image_model and examples/video_model, which this script's video stage made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="nice -n 10 .venv/bin/python"
@@ -28,6 +30,13 @@ NARROW=$D/narrow3d/1.0.0            # LRM 3D data: 128^2, 16 orbit + 4 random vi
 NARROW_VIDEO=$D/narrow3d_video/1.0.0  # the same assets, 64^2 orbits framed for the video model
 SINGLE=$D/broad_single/1.0.0         # image stage data
 SYNTH=$R/engine/records
+FRESH=${FRESH:-0}
+# The video stage's models: the committed ones unless FRESH=1 (then the stage trains them in $R).
+if [ "$FRESH" = 1 ] || [ ! -f examples/video_model/video_model.json ]; then
+  IMAGE_MODEL=$R/image; VIDEO_MODEL=$R/video
+else
+  IMAGE_MODEL=examples/image_model; VIDEO_MODEL=examples/video_model
+fi
 mkdir -p "$R"
 
 NARROW_KINDS=sphere,box,cylinder   # configs/benchmark.py FAMILIES
@@ -60,14 +69,19 @@ stage_data() {
 
 stage_video() {
   # The image prior sees the broad family; the temporal layers only the narrow 3D orbits.
+  if [ "$VIDEO_MODEL" = "$R/video" ]; then
   $PY -m vf3d_jax.train_video --config configs/video.py:tiny_image --workdir $R/image \
     --config.data.train=$SINGLE --config.data.num_frames=1 --config.train.batch_size=32 \
     --config.train.steps=4000 --config.train.sample_every=100000
   $PY -m vf3d_jax.train_video --config configs/video.py:tiny --workdir $R/video \
     --config.data.train=$NARROW_VIDEO --config.init.unet=$R/image/export \
     --config.train.steps=3000 --config.train.sample_every=100000
+  else
+    echo "using the committed $IMAGE_MODEL and $VIDEO_MODEL (FRESH=1 trains them again)"
+  fi
   for split in narrow unseen; do
-    [ -f $R/eval_video/$split/scores.jsonl ] || $PY -m tools.eval_video --model $R/video \
+    # Resumable: settings already in scores.jsonl are skipped.
+    $PY -m tools.eval_video --model $VIDEO_MODEL \
       --data $D/video_eval_$split/1.0.0 --num_videos 32 --guidance 1,1 --guidance 2,2 \
       --output $R/eval_video/$split
   done
@@ -76,8 +90,8 @@ stage_video() {
 stage_engine() {
   $PY -m vf3d_jax.data_engine --config configs/engine.py:tiny --workdir $R/engine \
     --config.prompts.procedural.num_assets=$PROMPTS --config.prompts.procedural.seed=4001 \
-    --config.frames.source=model --config.frames.model=$R/image \
-    --config.video.model=$R/video --config.features.extractor=lrm:examples/lrm_tiny.safetensors \
+    --config.frames.source=model --config.frames.model=$IMAGE_MODEL \
+    --config.video.model=$VIDEO_MODEL --config.features.extractor=lrm:examples/lrm_tiny.safetensors \
     --config.features.input_size=64 --config.elevation.train=$NARROW_VIDEO --config.labels.min_iou=0.6
 }
 

@@ -292,6 +292,34 @@ def test_eval_video_shows_its_progress_on_a_terminal(records, video_export, tmp_
   assert '"image_scale": 2.0' in stdout  # the scores still go to stdout
 
 
+def test_eval_video_resumes_from_its_scores(records, video_export, tmp_path):
+  """A kill after the direction test: the rerun samples only the settings not yet scored."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top
+  output = tmp_path / "eval"
+  def run(*guidance):
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.eval_video", "--model", video_export, "--data",
+         records["eval"], "--num_videos", "2", "--steps", "1", "--batch", "2", "--output",
+         str(output)] + [f"--guidance={g}" for g in guidance],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+  run("1,1")
+  lines = (output / "scores.jsonl").read_text().splitlines()
+  assert [json.loads(l).get("test", json.loads(l).get("image_scale")) for l in lines] == [
+      "direction_losses", 1.0]
+  first = json.loads(lines[1])
+  stdout = run("1,1", "2,2")
+  assert "direction_losses: already in" in stdout and "text_scale 1: already in" in stdout
+  lines = [json.loads(l) for l in (output / "scores.jsonl").read_text().splitlines()]
+  assert [(l.get("image_scale"), l.get("text_scale")) for l in lines] == [
+      (None, None), (1.0, 1.0), (2.0, 2.0)]
+  assert lines[1] == first
+  assert {p.name for p in output.iterdir()} >= {"grid_img1_txt1.png", "grid_img2_txt2.png",
+                                                "samples_img2_txt2.npy", "direction_losses.npz"}
+
+
 @pytest.mark.slow
 def test_four_devices_with_and_without_fsdp_train_as_one(records, tmp_path, monkeypatch):
   """2 adapter steps, a global batch of 4 clips: 1 device, 4 (data parallel), 4 with the
