@@ -38,7 +38,8 @@ def main(argv):
     if name not in preprocess.MATTING_METHODS:
       raise SystemExit(f"unknown matting method {name!r}; registered: "
                        f"{sorted(preprocess.MATTING_METHODS)}")
-    result = matting_benchmark.score(preprocess.MATTING_METHODS[name], cases, check=True)
+    result = matting_benchmark.score(preprocess.MATTING_METHODS[name], cases, check=True,
+                                     check_options=preprocess.BUILTIN_MATTES.get(name, {}))
     results[name] = {k: v for k, v in result.items() if not k.startswith("per_case")}
     print(f"{name:<8} " + " ".join(f"{result[k]:>10.3f}" for k in keys)
           + f"   {result['seconds_per_image']:.3f}")

@@ -80,12 +80,23 @@ def test_check_passes_clean_scenes_and_flags_clutter_and_faint_objects():
 
 def test_check_warns_of_the_failures_on_the_benchmark():
   cases = matting_benchmark.make_cases(20, size=128, object_size=80, seed=5)
-  result = matting_benchmark.score(preprocess.MATTING_METHODS["grabcut"], cases, check=True)
+  # The border-colour matte fails often; the check catches most of it.
+  result = matting_benchmark.score(preprocess.MATTING_METHODS["builtin"], cases, check=True,
+                                   check_options=preprocess.BUILTIN_MATTES["builtin"])
   caught, failures = map(int, result["failures_warned"].split("/"))
   false_alarms, good = map(int, result["good_warned"].split("/"))
   assert failures >= 3 and caught >= failures / 2, result
   assert false_alarms <= good / 5, result
   assert result["unwarned_mean_iou"] > result["mean_iou"] + 0.05, result
+  # GrabCut fails rarely, and mostly by a few pixels of edge; the check warns of
+  # every gross failure and seldom of a good matte.
+  result = matting_benchmark.score(preprocess.MATTING_METHODS["grabcut"], cases, check=True,
+                                   check_options=preprocess.BUILTIN_MATTES["grabcut"])
+  false_alarms, good = map(int, result["good_warned"].split("/"))
+  gross = np.asarray(result["per_case"]) < 0.7
+  assert gross.any() and np.all(np.asarray(result["per_case_warned"])[gross]), result
+  assert false_alarms <= good / 5, result
+  assert result["unwarned_mean_iou"] >= result["mean_iou"], result
 
 
 def test_preprocess_warns_or_refuses_on_a_complex_background():

@@ -151,12 +151,14 @@ FAILED_IOU = 0.85
 
 
 def score(matting_fn: Callable[[np.ndarray], np.ndarray], cases: list[dict],
-          check: bool = False) -> dict:
+          check: bool = False, check_options: dict | None = None) -> dict:
   """Mean IoU overall, per background and per placement, and seconds per image.
 
   With ``check``, also how ``inference.matting.check_matte`` judges each
   matte: the fraction warned, the failures (IoU < ``FAILED_IOU``) it warns
-  of, the good mattes it warns of, and the mean IoU of the mattes it passes.
+  of, the good mattes it warns of, and the mean IoU of the mattes it passes
+  (``check_options``: its keyword arguments, as
+  ``preprocess.BUILTIN_MATTES`` gives them per method).
   """
   from vf3d_jax.inference import matting  # pylint: disable=g-import-not-at-top
 
@@ -167,7 +169,7 @@ def score(matting_fn: Callable[[np.ndarray], np.ndarray], cases: list[dict],
     seconds += time.perf_counter() - start
     ious.append(iou(alpha, case["alpha"]))
     if check:
-      warned.append(matting.check_matte(case["rgb"], alpha).too_complex)
+      warned.append(matting.check_matte(case["rgb"], alpha, **(check_options or {})).too_complex)
   seconds /= max(len(cases), 1)
   ious = np.asarray(ious)
   result = {"mean_iou": float(ious.mean()), "min_iou": float(ious.min()),

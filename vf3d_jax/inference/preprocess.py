@@ -68,8 +68,9 @@ class ComplexBackgroundError(ValueError):
   """Strict matting: the background looks too complex for the built-in mattes."""
 
 
-# The mattes without learned weights, whose result check_matte judges.
-BUILTIN_MATTES = ("builtin", "grabcut")
+# The mattes without learned weights, whose result check_matte judges, and
+# the check's options for each (grabcut sets defocused clutter aside).
+BUILTIN_MATTES = {"builtin": {}, "grabcut": {"only_sharp_edges": True}}
 MATTE_ADVICE = ("install rembg (pip install 'vf3d_jax[matting]', then fetch its model once: "
                 "rembg d isnet-general-use) or pass an RGBA cut-out")
 
@@ -637,7 +638,7 @@ def preprocess_image(image: ImageInput, size: int = 512,
     rgba = np.concatenate([rgba[..., :3], alpha[..., None]], -1)
     if alpha_source in BUILTIN_MATTES and np.any(alpha > 0.5):
       from vf3d_jax.inference import matting  # pylint: disable=import-outside-toplevel
-      check = matting.check_matte(rgba[..., :3], alpha)
+      check = matting.check_matte(rgba[..., :3], alpha, **BUILTIN_MATTES[alpha_source])
       if check.too_complex:
         warning = (f"the background looks too complex for the {alpha_source} matte "
                    f"({check.reason()}); {MATTE_ADVICE}")
