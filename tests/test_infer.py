@@ -1,6 +1,7 @@
 """The inference job end to end on a tiny checkpoint in the released key layout."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -275,6 +276,8 @@ def test_cli_end_to_end_with_overrides(workspace, tmp_path):
   # The summary names the mask's source and how much of the image it covers.
   disc = np.asarray(Image.open(images / "disc.png"))[..., 3] > 127
   assert f"matte image, foreground {100 * disc.mean():.0f}%;" in result.stdout, result.stdout
+  faces = len(trimesh.load(out / "disc" / "mesh.ply", process=False).faces)
+  assert re.search(rf"mesh [0-9.]+ s \({faces:,} faces[;)]", result.stdout), result.stdout
   assert sorted(os.listdir(out)) == ["disc"]
   assert sorted(os.listdir(out / "disc")) == ["input.png", "mesh.ply", "turntable.gif"]
   typo = subprocess.run(

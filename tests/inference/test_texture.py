@@ -112,6 +112,18 @@ def test_remove_floaters_drops_small_pieces_only():
   assert len(mesh_lib.remove_floaters(mesh, 0.99).faces) == len(cleaned.faces)
 
 
+def test_clean_says_what_it_removed():
+  mesh = mesh_lib.extract_mesh(_sphere_and_speck, 64, chunk=64 ** 3)
+  cleaned, cleanup = mesh_lib.clean(mesh, 0.05, 2000, _sphere_and_speck)
+  speck = len(mesh.faces) - len(mesh_lib.remove_floaters(mesh, 0.05).faces)
+  assert (cleanup.raw_faces, cleanup.floaters, cleanup.floater_faces) == (len(mesh.faces), 1, speck)
+  assert cleanup.faces == len(cleaned.faces) <= 2000
+  assert cleanup.describe() == (f"{len(cleaned.faces):,} faces; 1 floater of {speck:,} faces "
+                                f"removed; decimated from {len(mesh.faces) - speck:,}")
+  _, kept = mesh_lib.clean(mesh, 0.0, 0)
+  assert kept.describe() == f"{len(mesh.faces):,} faces"
+
+
 def test_simplify_meets_the_budget_and_keeps_the_surface():
   mesh = mesh_lib.extract_mesh(_sphere, 64, chunk=64 ** 3)
   assert len(mesh.faces) > 10_000

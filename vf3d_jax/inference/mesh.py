@@ -246,11 +246,43 @@ def remove_floaters(mesh: Mesh, min_fraction: float = 0.01) -> Mesh:
   Pieces connect through shared vertex positions. The largest piece is always
   kept, so the result is never empty; ``min_fraction=0`` keeps everything.
   """
+  return _remove_floaters(mesh, min_fraction)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cleanup:
+  """What ``clean`` did to a mesh, for the summary line."""
+  raw_faces: int  # from marching cubes
+  floaters: int  # pieces removed
+  floater_faces: int  # their faces
+  faces: int  # after decimation
+
+  def describe(self) -> str:
+    parts = [f"{self.faces:,} faces"]
+    if self.floaters:
+      parts.append(f"{self.floaters} floater{'s' if self.floaters > 1 else ''} of "
+                   f"{self.floater_faces:,} faces removed")
+    if self.faces < self.raw_faces - self.floater_faces:
+      parts.append(f"decimated from {self.raw_faces - self.floater_faces:,}")
+    return "; ".join(parts)
+
+
+def clean(mesh: Mesh, min_fraction: float, max_faces: int, query_fn: QueryFn | None = None,
+          chunk: int = DEFAULT_CHUNK) -> tuple[Mesh, Cleanup]:
+  """``remove_floaters`` then ``simplify``, and what each removed."""
+  kept, floaters = _remove_floaters(mesh, min_fraction)
+  out = simplify(kept, max_faces, query_fn, chunk)
+  return out, Cleanup(raw_faces=len(mesh.faces), floaters=floaters,
+                      floater_faces=len(mesh.faces) - len(kept.faces), faces=len(out.faces))
+
+
+def _remove_floaters(mesh: Mesh, min_fraction: float) -> tuple[Mesh, int]:
+  """``remove_floaters``, and how many pieces it dropped."""
   import scipy.sparse  # pylint: disable=g-import-not-at-top
   import scipy.sparse.csgraph  # pylint: disable=g-import-not-at-top
 
   if min_fraction <= 0 or len(mesh.faces) == 0:
-    return mesh
+    return mesh, 0
   ids = _merged_vertex_ids(mesh.vertices)[mesh.faces]  # [F, 3]
   rows = np.concatenate([ids[:, 0], ids[:, 1]])
   cols = np.concatenate([ids[:, 1], ids[:, 2]])
@@ -261,9 +293,11 @@ def remove_floaters(mesh: Mesh, min_fraction: float = 0.01) -> Mesh:
   face_labels = labels[ids[:, 0]]
   sizes = np.bincount(face_labels)
   keep = (sizes >= min_fraction * len(mesh.faces)) | (sizes == sizes.max())
-  if keep.all():
-    return mesh
-  return _compact(mesh, keep[face_labels])
+  keep &= sizes > 0  # labels of merged-away vertex ids hold no faces
+  removed = int(np.count_nonzero((sizes > 0) & ~keep))
+  if removed == 0:
+    return mesh, 0
+  return _compact(mesh, keep[face_labels]), removed
 
 
 def simplify(mesh: Mesh, max_faces: int, query_fn: QueryFn | None = None,

@@ -69,6 +69,7 @@ class Reconstruction:
   matte: str = "image"  # where the object mask came from: "image" (alpha) or the matting method
   foreground_fraction: float = 0.0  # of the (working-size) input covered by the mask
   matte_warning: str | None = None  # a built-in matte that is likely wrong, and what to do
+  mesh_cleanup: mesh_lib.Cleanup | None = None  # floaters and decimation
 
 
 class Reconstructor:
@@ -123,22 +124,24 @@ class Reconstructor:
     return np.clip(np.concatenate(frames), 0.0, 1.0)
 
   def mesh(self, planes: jax.Array, progress: bool | None = None,
-           seconds: dict[str, float] | None = None) -> mesh_lib.Mesh:
+           seconds: dict[str, float] | None = None
+           ) -> tuple[mesh_lib.Mesh, mesh_lib.Cleanup]:
     """Marching cubes, floaters removed, decimated to ``mesh.max_faces``, then (with
-    ``mesh.texture=uv``) unwrapped and baked; ``seconds`` receives ``mesh`` and ``texture``."""
+    ``mesh.texture=uv``) unwrapped and baked; ``seconds`` receives ``mesh`` and ``texture``.
+    Returns the mesh and what the clean-up removed."""
     m = self.config.mesh
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     query = mesh_lib.field_query_fn(self.params, planes)
     mesh = mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk, progress=progress)
-    mesh = mesh_lib.remove_floaters(mesh, m.min_component)
-    mesh = mesh_lib.simplify(mesh, m.max_faces, query, m.chunk)
+    mesh, cleanup = mesh_lib.clean(mesh, m.min_component, m.max_faces, query,
+                                             m.chunk)
     seconds["mesh"] = time.perf_counter() - start
     if m.texture == "uv":
       start = time.perf_counter()
       mesh = texture_lib.bake_texture(mesh, query, m.texture_size, chunk=m.chunk)
       seconds["texture"] = time.perf_counter() - start
-    return mesh
+    return mesh, cleanup
 
   def __call__(self, image_path, key: jax.Array | None,
                progress: bool | None = None) -> Reconstruction:
@@ -162,18 +165,18 @@ class Reconstructor:
       frames = self.turntable(planes, key, progress)
       seconds["video"] = time.perf_counter() - start
 
-    mesh, mesh_error = None, None
+    mesh, mesh_error, cleanup = None, None, None
     if self.config.mesh.enabled:
       start = time.perf_counter()
       try:
-        mesh = self.mesh(planes, progress, seconds)
+        mesh, cleanup = self.mesh(planes, progress, seconds)
       except mesh_lib.EmptyMeshError as e:
         mesh_error = str(e)
         seconds["mesh"] = time.perf_counter() - start
     return Reconstruction(image, np.asarray(planes), frames, mesh, mesh_error, seconds,
                           matte=info["alpha_source"],
                           foreground_fraction=float(np.mean(info["alpha"] > 0.5)),
-                          matte_warning=info.get("matte_warning"))
+                          matte_warning=info.get("matte_warning"), mesh_cleanup=cleanup)
 
 
 def _atomic(path: str, write) -> str:
@@ -368,7 +371,8 @@ def _summary(result: Reconstruction) -> str:
       continue
     parts.append(f"{stage} {t[stage]:.2f} s")
     if stage == "mesh" and result.mesh is not None:
-      parts[-1] += f" ({len(result.mesh.faces):,} faces)"
+      parts[-1] += (f" ({result.mesh_cleanup.describe()})" if result.mesh_cleanup
+                    else f" ({len(result.mesh.faces):,} faces)")
     elif stage == "mesh" and result.mesh_error:
       parts[-1] += " (empty surface: no mesh written)"
     elif stage == "texture" and result.mesh is not None and result.mesh.textured:

@@ -1,0 +1,113 @@
+r"""Benchmark: the mesh's clean-up and texture at the default settings, and the files before and after.
+
+  python -m tools.bench_mesh                                # the demo LRM on an example image
+  python -m tools.bench_mesh --checkpoint model.safetensors --image photo.png
+  python -m tools.bench_mesh --resolution 128 --texture_size 512 --max_faces 20000  # the demo's
+
+One image's planes, then each stage of ``Reconstructor.mesh`` timed alone
+(seconds, wall clock): the density grid, marching cubes with vertex colours
+(the released pipeline's output stops here), floater removal, quadric
+decimation to ``--max_faces``, the xatlas unwrap, and the bake (unwrap,
+rasterise, query the field at every covered texel, dilate). Then the files:
+the released pipeline's vertex-coloured OBJ of the raw surface against the
+textured GLB and OBJ + MTL + PNG of the cleaned one. Defaults are
+``configs/infer.py``'s (512^3, 50,000 faces, 1024^2 texture). JSON on the last
+line.
+"""
+
+import glob
+import json
+import os
+import tempfile
+import time
+
+from absl import flags
+import jax
+import numpy as np
+
+from configs import infer as infer_configs
+from vf3d_jax import cli
+from vf3d_jax import pretrained
+from vf3d_jax.inference import mesh as mesh_lib
+from vf3d_jax.inference import preprocess
+from vf3d_jax.inference import texture as texture_lib
+from vf3d_jax.inference.pipeline import Reconstructor
+
+_DEFAULTS = infer_configs.get_config().mesh
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "examples/lrm_tiny.safetensors", "LRM weights.")
+_IMAGE = flags.DEFINE_string("image", "", "Input image; default: the first in examples/images.")
+_RESOLUTION = flags.DEFINE_integer("resolution", _DEFAULTS.resolution, "Density grid side.")
+_MAX_FACES = flags.DEFINE_integer("max_faces", _DEFAULTS.max_faces, "Face budget (0: none).")
+_TEXTURE = flags.DEFINE_integer("texture_size", _DEFAULTS.texture_size, "Texture side.")
+_MIN_COMPONENT = flags.DEFINE_float("min_component", _DEFAULTS.min_component,
+                                    "Floaters: pieces below this fraction of the faces.")
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+def _sizes(paths) -> int:
+  return sum(os.path.getsize(p) for p in paths)
+
+
+def main(argv):
+  del argv
+  arch, params = pretrained.load_lrm(_CHECKPOINT.value)
+  config = infer_configs.get_config()
+  config.mesh.update(resolution=_RESOLUTION.value, max_faces=_MAX_FACES.value,
+                     texture_size=_TEXTURE.value, min_component=_MIN_COMPONENT.value)
+  rec = Reconstructor(arch, params, config)
+  path = _IMAGE.value or sorted(glob.glob("examples/images/*.png"))[0]
+  image, _ = preprocess.preprocess_image(path, size=arch.input_size,
+                                         foreground_ratio=config.preprocess.foreground_ratio,
+                                         matting_fn=config.preprocess.matting)
+  planes = jax.block_until_ready(rec.planes(image))
+  query = mesh_lib.field_query_fn(params, planes)
+  m = config.mesh
+  mesh_lib.density_grid(query, 32, m.chunk)  # compile the query before timing
+  seconds = {}
+  grid, seconds["density_grid"] = _timed(lambda: mesh_lib.density_grid(query, m.resolution,
+                                                                        m.chunk))
+  raw, seconds["marching_cubes"] = _timed(lambda: mesh_lib.mesh_from_grid(
+      grid, query, m.threshold, m.chunk))
+  kept, seconds["floaters"] = _timed(lambda: mesh_lib.remove_floaters(raw, m.min_component))
+  small, seconds["simplify"] = _timed(lambda: mesh_lib.simplify(kept, m.max_faces, query,
+                                                                 m.chunk))
+  _, seconds["unwrap"] = _timed(lambda: texture_lib.unwrap(small.vertices, small.faces,
+                                                           m.texture_size))
+  baked, seconds["bake"] = _timed(lambda: texture_lib.bake_texture(small, query, m.texture_size,
+                                                                   chunk=m.chunk))
+  with tempfile.TemporaryDirectory() as folder:
+    before = mesh_lib.export_mesh(raw, os.path.join(folder, "raw.obj"))
+    glb = mesh_lib.export_mesh(baked, os.path.join(folder, "mesh.glb"))
+    obj = mesh_lib.export_mesh(baked, os.path.join(folder, "mesh.obj"))
+    files = {"raw_vertex_colour_obj_mb": _sizes(before) / 2 ** 20,
+             "textured_glb_mb": _sizes(glb) / 2 ** 20,
+             "textured_obj_mtl_png_mb": _sizes(obj) / 2 ** 20}
+  result = {
+      "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "image": path,
+      "checkpoint": _CHECKPOINT.value, "resolution": m.resolution, "max_faces": m.max_faces,
+      "texture_size": m.texture_size,
+      "faces": {"marching_cubes": len(raw.faces), "after_floaters": len(kept.faces),
+                "after_simplify": len(small.faces)},
+      "seconds": {k: round(v, 3) for k, v in seconds.items()},
+      "clean_up_and_texture_s": round(seconds["floaters"] + seconds["simplify"]
+                                      + seconds["bake"], 3),
+      "files_mb": {k: round(v, 3) for k, v in files.items()},
+  }
+  print(f"{path}: {m.resolution}^3 grid, {len(raw.faces):,} faces -> {len(kept.faces):,} "
+        f"(floaters) -> {len(small.faces):,} (simplify), texture {m.texture_size}^2")
+  for name, value in seconds.items():
+    print(f"  {name:<15} {value:8.2f} s")
+  print(f"  simplify + unwrap + bake (with floaters): {result['clean_up_and_texture_s']:.2f} s "
+        "(the bake includes its unwrap)")
+  for name, value in files.items():
+    print(f"  {name:<26} {value:8.2f} MB")
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  cli.run(main)
