@@ -20,8 +20,12 @@ $(STAMP): requirements.lock setup.py
 
 setup: $(STAMP)
 
+# Image -> 3D on examples/images, then text -> 3D on two prompts with the toy image and video models
+# of examples/ (examples/README.md says how each model was made).
 demo: setup
 	$(PY) -m vf3d_jax.infer --config configs/infer.py:demo --output outputs/demo
+	$(PY) -m vf3d_jax.infer --config configs/infer.py:demo --output outputs/demo_text \
+	  --prompt "a red cone on a blue box" --prompt "a yellow sphere"
 
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS) tests

@@ -363,12 +363,12 @@ def validate_config(config) -> None:
       _positive(config, ["mesh.texture_size"], minimum=16)
 
 
-def _summary(result: Reconstruction) -> str:
+def summary(result: Reconstruction) -> str:
+  """One line: the matte, then every stage's seconds (in the order they ran) with
+  what the mesh stages made, then the total."""
   t = result.seconds
   parts = []
-  for stage in ("preprocess", "planes", "video", "mesh", "texture"):
-    if stage not in t:
-      continue
+  for stage in t:
     parts.append(f"{stage} {t[stage]:.2f} s")
     if stage == "mesh" and result.mesh is not None:
       parts[-1] += (f" ({result.mesh_cleanup.describe()})" if result.mesh_cleanup
@@ -422,7 +422,7 @@ def _run(config, checkpoint, image, output, deterministic, save_arrays, progress
       continue
     if result.matte_warning:
       tqdm.tqdm.write(f"{path}: warning: {result.matte_warning}", file=sys.stderr)
-    tqdm.tqdm.write(f"{path} -> {folder}: {_summary(result)}", file=sys.stdout)
+    tqdm.tqdm.write(f"{path} -> {folder}: {summary(result)}", file=sys.stdout)
     results[path] = {"folder": folder, "files": written, "seconds": result.seconds,
                      "mesh_error": result.mesh_error}
   return results

@@ -161,11 +161,6 @@ def _save(folder: str, prompt: str, frame: np.ndarray, orbit: np.ndarray, result
   return written
 
 
-def _summary(result) -> str:
-  return ", ".join(f"{stage} {s:.2f} s" for stage, s in result.seconds.items()) + (
-      f"; total {sum(result.seconds.values()):.2f} s")
-
-
 def run(config, checkpoint: str, prompts: Sequence[str], output: str,
         deterministic: bool = False, save_arrays: bool = False,
         progress: bool | None = None) -> dict[str, Any]:
@@ -205,7 +200,7 @@ def run(config, checkpoint: str, prompts: Sequence[str], output: str,
         results[prompt] = {"error": str(e)}
         continue
       written = [os.path.join(folder, os.path.basename(p)) for p in written]
-      tqdm.tqdm.write(f"{prompt!r} -> {folder}: {_summary(result)}", file=sys.stdout)
+      tqdm.tqdm.write(f"{prompt!r} -> {folder}: {pipeline.summary(result)}", file=sys.stdout)
       results[prompt] = {"folder": folder, "files": written, "seconds": result.seconds,
                          "mesh_error": result.mesh_error}
   return results
