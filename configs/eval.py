@@ -37,6 +37,7 @@ def get_config(arg: str = "procedural") -> ml_collections.ConfigDict:
   c.mesh.texture = "vertex"
   c.mesh.min_component = 0.0
   c.mesh.max_faces = 0
+  c.mesh.coarse_block = 0  # every grid point queried, so the scores are the full grid's
 
   e = c.eval = ml_collections.ConfigDict()
   e.source_view = 0  # the input view of each record (0: its first orbit view)

@@ -76,6 +76,10 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   c.mesh.enabled = True
   c.mesh.resolution = 512
   c.mesh.threshold = 1.0
+  # Coarse-to-fine grid: the field every coarse_block grid intervals, then the full resolution
+  # only in the blocks the surface can cross (the full grid's surface for ~5% of its queries at
+  # 512^3; mesh.density_grid_coarse_to_fine); 0 queries every grid point.
+  c.mesh.coarse_block = 8
   c.mesh.format = "glb"  # glb, obj (with .mtl and .png when textured) or ply (vertex colours)
   # uv: an xatlas atlas with the field's colour baked in (vf3d_jax/inference/texture.py);
   # vertex: per-vertex colours (the released output, with format=obj, min_component=0, max_faces=0)

@@ -171,6 +171,7 @@ def test_cli_checks_image_output_and_config_before_the_checkpoint(workspace, tmp
     ("render.resolution", -8, "render.resolution must be a number >= 1, got -8"),
     ("render.fps", 0, "render.fps must be a number >= 1, got 0"),
     ("mesh.resolution", 1, "mesh.resolution must be a number >= 2, got 1"),
+    ("mesh.coarse_block", 1, "mesh.coarse_block must be 0 (off) or an integer >= 2, got 1"),
     ("preprocess.max_side", 0, "preprocess.max_side must be a number >= 1, got 0"),
     ("preprocess.foreground_ratio", 0.0, "preprocess.foreground_ratio must be in (0, 1], got 0.0"),
 ])

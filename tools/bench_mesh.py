@@ -1,11 +1,16 @@
-r"""Benchmark: the mesh's clean-up and texture at the default settings, and the files before and after.
+r"""Benchmark: the mesh's grid, clean-up and texture at the default settings, and the files.
 
   python -m tools.bench_mesh                                # the demo LRM on an example image
   python -m tools.bench_mesh --checkpoint model.safetensors --image photo.png
   python -m tools.bench_mesh --resolution 128 --texture_size 512 --max_faces 20000  # the demo's
 
-One image's planes, then each stage of ``Reconstructor.mesh`` timed alone
-(seconds, wall clock): the density grid, marching cubes with vertex colours
+One image's planes, then the density grid both ways: every grid point queried
+(``density_grid``) against coarse to fine (``density_grid_coarse_to_fine``
+with ``--coarse_block``), each with its seconds and field queries, and how far
+apart their marching-cubes surfaces are (symmetric Chamfer distance of the
+vertices and the largest vertex distance, in voxels; faces of each). Then each
+stage of ``Reconstructor.mesh`` timed alone on the full grid (seconds, wall
+clock): the density grid, marching cubes with vertex colours
 (the released pipeline's output stops here), floater removal, quadric
 decimation to ``--max_faces``, the xatlas unwrap, and the bake (unwrap,
 rasterise, query the field at every covered texel, dilate). Then the files:
@@ -24,6 +29,7 @@ import time
 from absl import flags
 import jax
 import numpy as np
+from scipy.spatial import cKDTree
 
 from configs import infer as infer_configs
 from vf3d_jax import cli
@@ -41,6 +47,8 @@ _MAX_FACES = flags.DEFINE_integer("max_faces", _DEFAULTS.max_faces, "Face budget
 _TEXTURE = flags.DEFINE_integer("texture_size", _DEFAULTS.texture_size, "Texture side.")
 _MIN_COMPONENT = flags.DEFINE_float("min_component", _DEFAULTS.min_component,
                                     "Floaters: pieces below this fraction of the faces.")
+_COARSE_BLOCK = flags.DEFINE_integer("coarse_block", _DEFAULTS.coarse_block or 8,
+                                     "Grid intervals per block of the coarse-to-fine grid (>= 2).")
 
 
 def _timed(fn):
@@ -51,6 +59,42 @@ def _timed(fn):
 
 def _sizes(paths) -> int:
   return sum(os.path.getsize(p) for p in paths)
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  """``(chamfer, largest)`` nearest-vertex distances between two vertex sets.
+
+  Chamfer as ``evaluation.geometry.chamfer_and_fscore``: the mean of both
+  directions' mean distances; largest: the symmetric Hausdorff distance.
+  """
+  to_b = cKDTree(b).query(a)[0]
+  to_a = cKDTree(a).query(b)[0]
+  return float((to_b.mean() + to_a.mean()) / 2), float(max(to_b.max(), to_a.max()))
+
+
+def _coarse_to_fine(query, m, block: int, full_seconds: float, full_mesh) -> dict:
+  """The coarse-to-fine grid against the full one (its seconds and mesh) on the same field."""
+  mesh_lib.density_grid_coarse_to_fine(query, m.resolution, m.threshold, block, m.chunk)  # compile
+  (grid, stats), seconds = _timed(lambda: mesh_lib.density_grid_coarse_to_fine(
+      query, m.resolution, m.threshold, block, m.chunk))
+  fast_mesh = mesh_lib.mesh_from_grid(grid, None, m.threshold)
+  del grid
+  voxel = 2.0 / (m.resolution - 1)
+  chamfer, largest = _surface_distances(full_mesh.vertices, fast_mesh.vertices)
+  return {
+      "block": block, "margin": mesh_lib.COARSE_MARGIN,
+      "seconds": {"full_grid": round(full_seconds, 3), "coarse_to_fine": round(seconds, 3)},
+      "speedup": round(full_seconds / seconds, 2),
+      "queries": {"full_grid": stats.full_queries, "coarse": stats.coarse_queries,
+                  "fine": stats.fine_queries, "coarse_to_fine": stats.queries,
+                  "with_padding": stats.padded_queries,
+                  "fraction": round(stats.query_fraction, 4)},
+      "marked_block_fraction": round(stats.marked_fraction, 4),
+      "faces": {"full_grid": len(full_mesh.faces), "coarse_to_fine": len(fast_mesh.faces)},
+      "identical": bool(np.array_equal(full_mesh.faces, fast_mesh.faces)
+                        and np.array_equal(full_mesh.vertices, fast_mesh.vertices)),
+      "chamfer_voxels": round(chamfer / voxel, 6), "hausdorff_voxels": round(largest / voxel, 6),
+  }
 
 
 def main(argv):
@@ -67,12 +111,15 @@ def main(argv):
   planes = jax.block_until_ready(rec.planes(image))
   query = mesh_lib.field_query_fn(params, planes)
   m = config.mesh
-  mesh_lib.density_grid(query, 32, m.chunk)  # compile the query before timing
+  # Compile the query for the chunks the timed grid sends (R^3 points, or m.chunk).
+  mesh_lib.density_grid(query, min(m.resolution, int(np.ceil(m.chunk ** (1 / 3)))), m.chunk)
   seconds = {}
   grid, seconds["density_grid"] = _timed(lambda: mesh_lib.density_grid(query, m.resolution,
                                                                         m.chunk))
   raw, seconds["marching_cubes"] = _timed(lambda: mesh_lib.mesh_from_grid(
       grid, query, m.threshold, m.chunk))
+  del grid
+  grids = _coarse_to_fine(query, m, _COARSE_BLOCK.value, seconds["density_grid"], raw)
   kept, seconds["floaters"] = _timed(lambda: mesh_lib.remove_floaters(raw, m.min_component))
   small, seconds["simplify"] = _timed(lambda: mesh_lib.simplify(kept, m.max_faces, query,
                                                                  m.chunk))
@@ -97,6 +144,7 @@ def main(argv):
       "clean_up_and_texture_s": round(seconds["floaters"] + seconds["simplify"]
                                       + seconds["bake"], 3),
       "files_mb": {k: round(v, 3) for k, v in files.items()},
+      "coarse_to_fine": grids,
   }
   print(f"{path}: {m.resolution}^3 grid, {len(raw.faces):,} faces -> {len(kept.faces):,} "
         f"(floaters) -> {len(small.faces):,} (simplify), texture {m.texture_size}^2")
@@ -106,6 +154,16 @@ def main(argv):
         "(the bake includes its unwrap)")
   for name, value in files.items():
     print(f"  {name:<26} {value:8.2f} MB")
+  g, q = grids, grids["queries"]
+  print(f"  grid, every point against coarse to fine (blocks of {g['block']}): "
+        f"{g['seconds']['full_grid']:.2f} s against {g['seconds']['coarse_to_fine']:.2f} s, "
+        f"{g['speedup']:.1f}x")
+  print(f"    queries {q['full_grid']:,} against {q['coarse_to_fine']:,} ({q['fraction']:.1%}: "
+        f"{q['coarse']:,} coarse + {q['fine']:,} fine in {g['marked_block_fraction']:.1%} of "
+        f"the blocks)")
+  print(f"    faces {g['faces']['full_grid']:,} against {g['faces']['coarse_to_fine']:,}; "
+        f"Chamfer {g['chamfer_voxels']:.3g} voxels, largest distance "
+        f"{g['hausdorff_voxels']:.3g} voxels{' (identical meshes)' if g['identical'] else ''}")
   print(json.dumps(result))
 
 

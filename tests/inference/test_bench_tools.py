@@ -28,6 +28,14 @@ def test_bench_mesh_reports_stages_faces_and_file_sizes():
   files = result["files_mb"]
   assert files["textured_glb_mb"] < files["raw_vertex_colour_obj_mb"]
   assert "simplify + unwrap + bake" in out
+  grids = result["coarse_to_fine"]
+  assert grids["faces"]["full_grid"] == faces["marching_cubes"]
+  assert grids["chamfer_voxels"] <= 0.5 and grids["faces"]["coarse_to_fine"] > 0
+  assert grids["queries"]["full_grid"] == 48 ** 3
+  assert (grids["queries"]["coarse"] == 7 ** 3
+          and grids["queries"]["coarse_to_fine"] < grids["queries"]["full_grid"])
+  assert all(v > 0 for v in grids["seconds"].values()) and grids["speedup"] > 0
+  assert "grid, every point against coarse to fine (blocks of 8)" in out
 
 
 def test_bench_matting_scores_methods_and_draws_the_figure(tmp_path):

@@ -13,6 +13,12 @@ Points go through it in fixed-size chunks (the last one padded), so it is
 compiled once and memory stays bounded at any resolution. ``progress`` shows
 a bar over the grid's chunks: ``True`` always, ``False`` never, ``None`` only
 when stderr is a terminal.
+
+``density_grid_coarse_to_fine`` gives the same grid for a fraction of the
+queries: the field on every ``block``-th grid point first, then the full
+resolution only in the blocks the surface can cross (and their neighbours);
+everywhere else the grid holds the coarse values trilinearly interpolated, so
+marching cubes finds no surface there and, inside the band, the full grid's.
 """
 
 from __future__ import annotations
@@ -104,10 +110,68 @@ def _grid_chunk(start: jax.Array, axis_values: jax.Array, chunk: int) -> jax.Arr
   """
   resolution = axis_values.shape[0]
   flat = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), resolution ** 3 - 1)
+  return _flat_points(flat, axis_values)
+
+
+def _flat_points(flat: jax.Array, axis_values: jax.Array) -> jax.Array:
+  """The ``ij`` grid's points at flat indices ``(i * R + j) * R + k``."""
+  resolution = axis_values.shape[0]
   i = flat // (resolution * resolution)
   j = (flat // resolution) % resolution
   k = flat % resolution
   return jnp.stack([axis_values[i], axis_values[j], axis_values[k]], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="chunk")
+def _indexed_chunk(flat: jax.Array, start: jax.Array, axis_values: jax.Array,
+                   chunk: int) -> jax.Array:
+  """The grid points at ``flat[start:start + chunk]`` (``flat`` padded to whole chunks)."""
+  return _flat_points(jax.lax.dynamic_slice(flat, (start,), (chunk,)), axis_values)
+
+
+def _check_resolution(resolution: int) -> None:
+  if resolution ** 3 >= 2 ** 31:
+    raise ValueError(f"resolution {resolution} too large for int32 indexing")
+
+
+def _run_chunks(query_fn: QueryFn, points_fn: Callable[[int], jax.Array], count: int,
+                chunk: int, store: Callable[[int, np.ndarray], None], progress: bool | None,
+                desc: str) -> None:
+  """Densities of ``count`` points, ``chunk`` at a time, each handed to ``store``.
+
+  ``points_fn(start)`` gives the ``[chunk, 3]`` points from ``start`` (padded
+  past ``count``); ``store(start, density)`` receives the unpadded densities.
+  A chunk's densities are copied to the host while the next chunk runs.
+  """
+  pending = None  # the previous chunk, copied out while the next one runs
+  starts = tqdm.trange(0, count, chunk, desc=desc, unit="chunk", leave=False,
+                       disable=None if progress is None else not progress)
+  for start in starts:
+    density = query_fn(points_fn(start))[0]
+    if density.shape != (chunk,):
+      raise ValueError(f"query_fn returned density {density.shape}, expected ({chunk},)")
+    if pending is not None:
+      store(pending[0], np.asarray(pending[1])[:count - pending[0]])
+    pending = (start, density)
+  if pending is not None:
+    store(pending[0], np.asarray(pending[1])[:count - pending[0]])
+
+
+def _product_grid(query_fn: QueryFn, axis_values: np.ndarray, chunk: int,
+                  progress: bool | None, desc: str) -> np.ndarray:
+  """Density at every ``(x_i, y_j, z_k)`` of ``axis_values^3``, ``[n, n, n]`` float32."""
+  size = len(axis_values)
+  total = size ** 3
+  chunk = int(min(chunk, total))
+  axis_values = jnp.asarray(axis_values, jnp.float32)
+  grid = np.empty(total, np.float32)
+
+  def store(start, density):
+    grid[start:start + len(density)] = density
+
+  _run_chunks(query_fn, lambda start: _grid_chunk(jnp.int32(start), axis_values, chunk), total,
+              chunk, store, progress, desc)
+  return grid.reshape(size, size, size)
 
 
 def density_grid(query_fn: QueryFn, resolution: int = 512,
@@ -125,24 +189,200 @@ def density_grid(query_fn: QueryFn, resolution: int = 512,
   Returns:
     ``[R, R, R]`` float32, ``grid[i, j, k]`` = density at ``(x_i, y_j, z_k)``.
   """
-  total = resolution ** 3
-  if total >= 2 ** 31:
-    raise ValueError(f"resolution {resolution} too large for int32 indexing")
-  chunk = int(min(chunk, total))
-  axis_values = jnp.asarray(grid_coordinates(resolution))
-  grid = np.empty(total, np.float32)
-  pending = None  # the previous chunk, copied out while the next one runs
-  starts = tqdm.trange(0, total, chunk, desc="mesh grid", unit="chunk", leave=False,
-                       disable=None if progress is None else not progress)
-  for start in starts:
-    density = query_fn(_grid_chunk(jnp.int32(start), axis_values, chunk))[0]
-    if density.shape != (chunk,):
-      raise ValueError(f"query_fn returned density {density.shape}, expected ({chunk},)")
-    if pending is not None:
-      grid[pending[0]:pending[0] + chunk] = np.asarray(pending[1])[:total - pending[0]]
-    pending = (start, density)
-  grid[pending[0]:] = np.asarray(pending[1])[:total - pending[0]]
-  return grid.reshape(resolution, resolution, resolution)
+  _check_resolution(resolution)
+  return _product_grid(query_fn, grid_coordinates(resolution), chunk, progress, "mesh grid")
+
+
+COARSE_MARGIN = 0.25  # density units; see density_grid_coarse_to_fine
+
+
+@dataclasses.dataclass(frozen=True)
+class GridStats:
+  """The work of ``density_grid_coarse_to_fine`` against the full grid's ``R^3`` queries."""
+
+  resolution: int  # R, grid samples per axis
+  block: int  # grid intervals per coarse block (the last block of an axis may be shorter)
+  coarse_queries: int  # coarse grid points queried: ((R - 2) // block + 2)^3
+  fine_queries: int  # full-resolution points queried inside the marked blocks
+  padded_queries: int  # points sent to the field with the chunks' padding, both passes
+  blocks: int  # coarse blocks in all
+  surface_blocks: int  # blocks whose corners straddle or come near the threshold
+  marked_blocks: int  # those and their neighbours: the blocks queried at full resolution
+
+  @property
+  def full_queries(self) -> int:
+    """``R^3``: what ``density_grid`` queries."""
+    return self.resolution ** 3
+
+  @property
+  def queries(self) -> int:
+    """Grid points queried by both passes."""
+    return self.coarse_queries + self.fine_queries
+
+  @property
+  def query_fraction(self) -> float:
+    """``queries / R^3``."""
+    return self.queries / self.full_queries
+
+  @property
+  def marked_fraction(self) -> float:
+    """Fraction of the blocks queried at full resolution."""
+    return self.marked_blocks / self.blocks
+
+  def describe(self) -> str:
+    return (f"{self.resolution}^3 grid in blocks of {self.block}: {self.queries:,} queries "
+            f"({self.coarse_queries:,} coarse + {self.fine_queries:,} fine, "
+            f"{self.query_fraction:.1%} of {self.full_queries:,}), "
+            f"{self.marked_blocks:,} of {self.blocks:,} blocks ({self.marked_fraction:.1%})")
+
+
+def coarse_indices(resolution: int, block: int) -> np.ndarray:
+  """Grid indices of the coarse samples: ``0, block, 2 block, ...`` and always ``R - 1``."""
+  return np.unique(np.append(np.arange(0, resolution, block), resolution - 1))
+
+
+def _interpolation(coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(lower, upper, weight)`` per grid index: its coarse neighbours (positions in
+  ``coarse``) and the float32 weight of the upper one."""
+  fine = np.arange(coarse[-1] + 1)
+  upper = np.clip(np.searchsorted(coarse, fine, side="right"), 1, len(coarse) - 1)
+  lower = upper - 1
+  weight = ((fine - coarse[lower]) / (coarse[upper] - coarse[lower])).astype(np.float32)
+  return lower, upper, weight
+
+
+def _fill_trilinear(coarse_grid: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+  """The ``[R, R, R]`` grid trilinearly interpolated from the coarse samples.
+
+  Separable: along z, then y for each coarse x-slab, then x for each grid
+  x-slab, written in place (the temporaries are ``[n, n, R]`` and
+  ``[n, R, R]`` for ``n`` coarse samples a side). Coarse samples keep their
+  values exactly (their weights are 0 and 1).
+  """
+  lower, upper, weight = _interpolation(coarse)
+  resolution = len(weight)
+  z = coarse_grid[:, :, lower] * (1.0 - weight) + coarse_grid[:, :, upper] * weight
+  wy = weight[:, None]
+  yz = np.empty((len(coarse), resolution, resolution), np.float32)
+  for a in range(len(coarse)):
+    np.multiply(z[a][lower], 1.0 - wy, out=yz[a])
+    yz[a] += z[a][upper] * wy
+  grid = np.empty((resolution,) * 3, np.float32)
+  for i in range(resolution):
+    np.multiply(yz[lower[i]], 1.0 - weight[i], out=grid[i])
+    grid[i] += yz[upper[i]] * weight[i]
+  return grid
+
+
+def _marked_points(marked: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+  """``[R, R, R]`` bool: the points of the marked blocks, each block's box closed.
+
+  Block ``(a, b, c)`` spans grid indices ``coarse[a] .. coarse[a + 1]`` (both
+  ends) along x and likewise along y and z, so that every marching-cubes cell
+  inside it has all eight corners queried.
+  """
+  resolution = int(coarse[-1]) + 1
+  fine = np.arange(resolution)
+  # A grid index lies in block `owner` and, on a block boundary, also in the block below it.
+  owner = np.clip(np.searchsorted(coarse, fine, side="right") - 1, 0, len(coarse) - 2)
+  below = np.where((fine == coarse[owner]) & (owner > 0), owner - 1, owner)
+  points = np.zeros((resolution,) * 3, bool)
+  for a in np.flatnonzero(marked.any(axis=(1, 2))):
+    plane = marked[a]
+    slab = (plane[owner][:, owner] | plane[below][:, owner] | plane[owner][:, below]
+            | plane[below][:, below])
+    points[coarse[a]:coarse[a + 1] + 1] |= slab
+  return points
+
+
+def density_grid_coarse_to_fine(
+    query_fn: QueryFn, resolution: int = 512, threshold: float = 1.0, block: int = 8,
+    chunk: int = DEFAULT_CHUNK, progress: bool | None = None,
+    margin: float = COARSE_MARGIN) -> tuple[np.ndarray, GridStats]:
+  """``density_grid``'s grid, queried at full resolution only where the surface can be.
+
+  The coarse samples are the grid points whose indices along every axis are
+  ``coarse_indices(resolution, block)``, so they are grid points themselves.
+  Neighbouring coarse samples bound a block; a block is marked when its eight
+  corner densities straddle ``threshold`` or one comes within ``margin`` of
+  it, and then the marks are dilated by one block (26 neighbours), which
+  catches surfaces that pass between the coarse samples next to a marked
+  block. Every point of a marked block (its box closed, so shared faces are
+  exact) is queried; every other point takes the trilinear interpolation of
+  its block's corners, which stays on the corners' side of ``threshold``, so
+  marching cubes makes no surface there. Where the marked blocks hold the
+  whole surface the marching-cubes mesh is the full grid's. A surface
+  entirely inside unmarked blocks (a piece thinner than a block that no
+  coarse sample comes near) is lost; a larger ``margin`` or smaller ``block``
+  guards against that.
+
+  Args:
+    query_fn: as for ``density_grid``.
+    resolution: samples per axis of the full grid.
+    threshold: density level of the surface.
+    block: grid intervals between coarse samples (>= 2).
+    chunk: points per call in the fine pass; the coarse pass takes at most
+      this many, and a fine pass of fewer points takes the next power of two
+      (so the query compiles for few sizes).
+    progress: bars over the chunks of both passes (see the module docstring).
+    margin: marks blocks with a corner within this of ``threshold`` (density
+      units; 0 marks only straddling blocks).
+
+  Returns:
+    ``(grid, stats)``: the ``[R, R, R]`` float32 grid laid out as
+    ``density_grid``'s, and the ``GridStats`` of the work done.
+  """
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+
+  _check_resolution(resolution)
+  if resolution < 2:
+    raise ValueError(f"resolution must be >= 2, got {resolution}")
+  if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2:
+    raise ValueError(f"block must be an integer >= 2, got {block!r}")
+  if not margin >= 0:
+    raise ValueError(f"margin must be >= 0, got {margin!r}")
+  axis = grid_coordinates(resolution)
+  coarse = coarse_indices(resolution, int(block))
+  values = _product_grid(query_fn, axis[coarse], chunk, progress, "mesh grid (coarse)")
+  coarse_chunk = int(min(chunk, values.size))
+  padded = -(-values.size // coarse_chunk) * coarse_chunk
+
+  corners = [values[i:values.shape[0] - 1 + i, j:values.shape[1] - 1 + j,
+                    k:values.shape[2] - 1 + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+  low, high = np.minimum.reduce(corners), np.maximum.reduce(corners)
+  surface = (high >= threshold - margin) & (low <= threshold + margin)
+  marked = scipy.ndimage.binary_dilation(surface, np.ones((3, 3, 3), bool))
+
+  points = _marked_points(marked, coarse)
+  points[np.ix_(coarse, coarse, coarse)] = False  # known from the coarse pass
+  flat = np.flatnonzero(points).astype(np.int32)
+  del points
+  count = len(flat)
+  filled = []  # the interpolated grid, made while the first fine chunks run
+
+  def grid_flat() -> np.ndarray:
+    if not filled:
+      filled.append(_fill_trilinear(values, coarse).reshape(-1))
+    return filled[0]
+
+  if count:
+    fine_chunk = int(min(chunk, 1 << (count - 1).bit_length()))
+    padding = -count % fine_chunk
+    flat_device = jnp.asarray(np.concatenate([flat, np.full(padding, flat[-1], np.int32)]))
+    axis_device = jnp.asarray(axis)
+
+    def store(start, density):
+      grid_flat()[flat[start:start + len(density)]] = density
+
+    _run_chunks(query_fn, lambda start: _indexed_chunk(flat_device, jnp.int32(start),
+                                                       axis_device, fine_chunk),
+                count, fine_chunk, store, progress, "mesh grid (fine)")
+    padded += count + padding
+  grid = grid_flat().reshape((resolution,) * 3)
+  stats = GridStats(resolution=resolution, block=int(block), coarse_queries=int(values.size),
+                    fine_queries=count, padded_queries=padded, blocks=int(marked.size),
+                    surface_blocks=int(surface.sum()), marked_blocks=int(marked.sum()))
+  return grid, stats
 
 
 def query_colors(query_fn: QueryFn, points: np.ndarray,
@@ -208,8 +448,9 @@ def mesh_from_grid(grid: np.ndarray, query_fn: QueryFn | None = None,
 
 
 def extract_mesh(query_fn: QueryFn, resolution: int = 512, threshold: float = 1.0,
-                 chunk: int = DEFAULT_CHUNK, progress: bool | None = None) -> Mesh:
-  """``density_grid`` then ``mesh_from_grid``: the object's coloured surface.
+                 chunk: int = DEFAULT_CHUNK, progress: bool | None = None,
+                 coarse_block: int = 0, coarse_margin: float = COARSE_MARGIN) -> Mesh:
+  """The density grid, then ``mesh_from_grid``: the object's coloured surface.
 
   Args:
     query_fn: ``points [M, 3] -> (density [M], rgb [M, 3])``, e.g.
@@ -218,11 +459,19 @@ def extract_mesh(query_fn: QueryFn, resolution: int = 512, threshold: float = 1.
     threshold: density level of the surface (upstream: 1.0).
     chunk: points per query call.
     progress: a bar over the grid's chunks (see the module docstring).
+    coarse_block: 0 queries every grid point (``density_grid``); >= 2 queries
+      coarse samples this many grid intervals apart and the full resolution
+      only near the surface (``density_grid_coarse_to_fine``).
+    coarse_margin: ``density_grid_coarse_to_fine``'s ``margin``.
 
   Raises:
     EmptyMeshError: nothing crosses ``threshold``.
   """
-  grid = density_grid(query_fn, resolution, chunk, progress)
+  if coarse_block:
+    grid, _ = density_grid_coarse_to_fine(query_fn, resolution, threshold, coarse_block, chunk,
+                                          progress, coarse_margin)
+  else:
+    grid = density_grid(query_fn, resolution, chunk, progress)
   return mesh_from_grid(grid, query_fn, threshold, chunk)
 
 

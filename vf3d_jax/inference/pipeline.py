@@ -126,14 +126,16 @@ class Reconstructor:
   def mesh(self, planes: jax.Array, progress: bool | None = None,
            seconds: dict[str, float] | None = None
            ) -> tuple[mesh_lib.Mesh, mesh_lib.Cleanup]:
-    """Marching cubes, floaters removed, decimated to ``mesh.max_faces``, then (with
+    """The density grid (coarse to fine with ``mesh.coarse_block``), marching cubes,
+    floaters removed, decimated to ``mesh.max_faces``, then (with
     ``mesh.texture=uv``) unwrapped and baked; ``seconds`` receives ``mesh`` and ``texture``.
     Returns the mesh and what the clean-up removed."""
     m = self.config.mesh
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     query = mesh_lib.field_query_fn(self.params, planes)
-    mesh = mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk, progress=progress)
+    mesh = mesh_lib.extract_mesh(query, m.resolution, m.threshold, m.chunk, progress=progress,
+                                 coarse_block=m.get("coarse_block", 0))
     mesh, cleanup = mesh_lib.clean(mesh, m.min_component, m.max_faces, query,
                                              m.chunk)
     seconds["mesh"] = time.perf_counter() - start
@@ -359,6 +361,9 @@ def validate_config(config) -> None:
   if config.mesh.enabled:
     _positive(config, ["mesh.chunk"])
     _positive(config, ["mesh.resolution"], minimum=2)
+    block = config.mesh.get("coarse_block", 0)
+    if isinstance(block, bool) or not isinstance(block, int) or block == 1 or block < 0:
+      raise ValueError(f"mesh.coarse_block must be 0 (off) or an integer >= 2, got {block!r}")
     if config.mesh.texture == "uv":
       _positive(config, ["mesh.texture_size"], minimum=16)
 
