@@ -374,7 +374,7 @@ def score_record(scorer: Scorer, obj: RecordObject, load_seconds: float):
                                         jnp.asarray(rgb), jnp.asarray(obj.rgb))))
   if obj.surface is not None and len(obj.surface):
     try:
-      mesh = _timed(seconds, "mesh", scorer.reconstructor.mesh, planes, False)
+      mesh, _ = _timed(seconds, "mesh", scorer.reconstructor.mesh, planes, False)
       vertices = geometry.mesh_to_world(mesh.vertices, obj.world_transform)
       faces = mesh.faces
     except mesh_lib.EmptyMeshError:
