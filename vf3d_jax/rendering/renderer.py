@@ -35,7 +35,24 @@ Modes (``RenderOptions.mode``):
   colours and opacities are those of the compatible mode except on the rays
   whose first or last sample the compatible mode rounds out of the box.
 
-Both modes composite missed rays with opacity 0 (all their samples are
+* ``"fast"``: the clean mode's rays (start, hit and depth clamp per ray),
+  sampled only where the field can have density. An occupancy grid
+  (:func:`occupancy_grid`: ``occupancy_resolution^3`` cells, a cell occupied
+  where the density exceeds ``occupancy_threshold`` at any of its 27 corner,
+  edge, face and centre points, dilated by ``occupancy_dilation`` cells) is
+  built once per object; each ray probes it at ``num_probes`` points and lays
+  its ``num_coarse`` stratified and ``num_fine`` importance samples in the
+  occupied spans only (:func:`vf3d_jax.rendering.volume.occupied_depths`),
+  compositing over the occupied length. Samples behind the point where the
+  transmittance falls below ``termination`` stop contributing, and no fine
+  sample is floored there. Rays are sorted so that those that meet an
+  occupied cell come first and whole chunks of rays that meet none are
+  skipped (``lax.cond`` in the chunk loop; under ``vmap`` the skip becomes a
+  select and only the smaller sample budget saves work). Shapes stay static
+  and the mode is differentiable (the grid is not: it is a function of
+  ``stop_gradient`` of the field).
+
+All modes composite missed rays with opacity 0 (all their samples are
 outside the box) and colour ``background``.
 
 Randomness is an input. ``noise=RenderNoise(jitter, uniforms)`` gives the
@@ -65,7 +82,7 @@ from vf3d_jax.models import triplane
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import volume
 
-MODES = ("compatible", "clean")
+MODES = ("compatible", "clean", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +98,21 @@ class RenderOptions:
   mlp_dtype: str = "float32"  # compute dtype of the decoder's matmuls
   planes_dtype: Optional[str] = None  # sample planes in this dtype; None: as given
   remat: bool = False  # recompute each chunk in the backward pass
+  # The fast mode's empty-space skipping and early termination (other modes ignore these).
+  occupancy_resolution: int = 64  # cells a side of the occupancy grid
+  occupancy_threshold: float = 0.01  # activated density above which a cell is occupied
+  occupancy_dilation: int = 1  # cells the occupied region grows by
+  num_probes: int = 0  # occupancy probes a ray; 0: 2 * occupancy_resolution
+  termination: float = 1e-3  # transmittance below which samples stop contributing
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.occupancy_resolution < 1 or self.occupancy_dilation < 0 or self.num_probes < 0:
+      raise ValueError("need occupancy_resolution >= 1, occupancy_dilation >= 0 and "
+                       "num_probes >= 0")
+    if self.occupancy_threshold < 0 or not 0 <= self.termination < 1:
+      raise ValueError("need occupancy_threshold >= 0 and termination in [0, 1)")
     if self.num_coarse < 2 or (self.num_fine > 0 and self.num_coarse < 4):
       raise ValueError("need num_coarse >= 2, and >= 4 with importance samples")
     if self.chunk_size < 1:
@@ -93,6 +121,12 @@ class RenderOptions:
     if len(background) != 3:
       raise ValueError("background must be an RGB triple")
     object.__setattr__(self, "background", background)
+
+
+  @property
+  def probes(self) -> int:
+    """Occupancy probes a ray in the fast mode."""
+    return self.num_probes or 2 * self.occupancy_resolution
 
 
 class RenderNoise(NamedTuple):
@@ -179,6 +213,15 @@ def query_samples(decoder_params: Mapping, planes: jax.Array, points: jax.Array,
                                   dtype=jnp.dtype(options.mlp_dtype))
 
 
+def _noise_of(ray, key, options: RenderOptions) -> RenderNoise:
+  """One ray's noise: from the key, from the ray's arrays, or deterministic."""
+  if key is not None:
+    return _ray_noise(key, ray["view_id"], ray["pixel_id"], options)
+  if "jitter" in ray:
+    return RenderNoise(ray["jitter"], ray["uniforms"])
+  return deterministic_noise((), options)
+
+
 def _render_ray(decoder_params, planes, ray, key, options: RenderOptions):
   """Renders one ray whose start/end are known; no background, no clamp.
 
@@ -192,13 +235,7 @@ def _render_ray(decoder_params, planes, ray, key, options: RenderOptions):
     dict ``rgb [3], opacity, depth`` (inf when empty), ``depth_min, depth_max``
     (of all samples).
   """
-  if key is not None:
-    noise = _ray_noise(key, ray["view_id"], ray["pixel_id"], options)
-  elif "jitter" in ray:
-    noise = RenderNoise(ray["jitter"], ray["uniforms"])
-  else:
-    noise = deterministic_noise((), options)
-
+  noise = _noise_of(ray, key, options)
   compatible = options.mode == "compatible"
 
   def evaluate(depths):
@@ -226,6 +263,125 @@ def _render_ray(decoder_params, planes, ray, key, options: RenderOptions):
           "depth_min": jnp.min(depths), "depth_max": jnp.max(depths)}
 
 
+def occupancy_grid(decoder_params: Mapping, planes: jax.Array,
+                   options: RenderOptions = RenderOptions()) -> jax.Array:
+  """The fast mode's occupancy grid of one field (not differentiated).
+
+  The activated density is queried on the ``(2G + 1)^3`` lattice of cell
+  corners, edge and face midpoints and centres (``G =
+  options.occupancy_resolution``), one x-slab at a time; a cell is occupied
+  where any of its 27 points exceeds ``options.occupancy_threshold``, and the
+  occupied set is dilated by ``options.occupancy_dilation`` cells.
+
+  Args:
+    decoder_params: ``{"net_0": {"kernel", "bias"}, ...}``.
+    planes: ``[3, H, W, C]``.
+    options: grid size, threshold, dilation, box size and dtypes.
+
+  Returns:
+    ``[G, G, G]`` bool, indexed ``[x, y, z]``
+    (:func:`vf3d_jax.rendering.volume.grid_cells`).
+  """
+  decoder_params = lax.stop_gradient(decoder_params)
+  planes = lax.stop_gradient(planes)
+  if options.planes_dtype is not None:
+    planes = planes.astype(options.planes_dtype)
+  size = 2 * options.occupancy_resolution + 1
+  axis = jnp.linspace(-options.box_size / 2, options.box_size / 2, size, dtype=jnp.float32)
+  yy, zz = jnp.meshgrid(axis, axis, indexing="ij")
+
+  def slab(x):
+    points = jnp.stack([jnp.full_like(yy, x), yy, zz], axis=-1)
+    raw, _ = query_samples(decoder_params, planes, points, options)
+    return triplane.density_activation(raw)
+
+  density = lax.map(slab, axis)  # [2G + 1] * 3
+  cells = lax.reduce_window(density, -jnp.inf, lax.max, (3, 3, 3), (2, 2, 2), "VALID")
+  occupied = cells > options.occupancy_threshold
+  if options.occupancy_dilation:
+    width = 2 * options.occupancy_dilation + 1
+    occupied = lax.reduce_window(occupied.astype(jnp.float32), 0.0, lax.max, (width,) * 3,
+                                 (1, 1, 1), "SAME") > 0
+  return occupied
+
+
+def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: RenderOptions):
+  """Renders one ray in the fast mode (samples in its occupied spans only).
+
+  Args:
+    occupancy: ``[G, G, G]`` bool.
+    ray, key: as :func:`_render_ray`.
+
+  Returns:
+    dict ``rgb [3], opacity, depth`` (inf when empty; not clamped).
+  """
+  noise = _noise_of(ray, key, options)
+  origin, direction, start, end = ray["origin"], ray["direction"], ray["start"], ray["end"]
+  occupied = volume.probe_occupancy(origin, direction, start, end, occupancy, options.probes,
+                                    options.box_size)
+  length = volume.occupied_length(occupied, start, end)
+
+  def evaluate(s):
+    depths = volume.occupied_depths(s, occupied, start, end)
+    points = volume.sample_points(origin, direction, depths)
+    raw, rgb = query_samples(decoder_params, planes, points, options)
+    return depths, rgb, raw
+
+  s = jnp.clip(volume.stratified_depths(jnp.zeros_like(length), length, noise.jitter), 0.0,
+               length)
+  depths, rgb, raw = evaluate(s)
+  if options.num_fine > 0:
+    weights, _, _, _ = volume.composite(rgb, raw, s)
+    alive = None  # termination 0: every interval floored, as the clean mode
+    if options.termination > 0:
+      alive = volume.alive_intervals(lax.stop_gradient(weights), options.termination)
+    fine_s = jnp.clip(volume.importance_depths(s, weights, noise.uniforms, floor_mask=alive),
+                      0.0, length)
+    _, fine_rgb, fine_raw = evaluate(fine_s)
+    s, rgb, raw = volume.merge_samples(s, rgb, raw, fine_s, fine_rgb, fine_raw)
+    depths = volume.occupied_depths(s, occupied, start, end)
+  _, rgb_out, opacity, depth = volume.composite_spans(rgb, raw, s, depths, options.termination)
+  return {"rgb": rgb_out, "opacity": opacity, "depth": depth}
+
+
+def _ray_is_active(occupancy, ray, options: RenderOptions):
+  """Whether a ray meets an occupied cell (the fast mode renders only those)."""
+  occupied = volume.probe_occupancy(ray["origin"], ray["direction"], ray["start"], ray["end"],
+                                    occupancy, options.probes, options.box_size)
+  return jnp.any(occupied)
+
+
+def _render_compacted(render_one, per_ray, active, chunk: int):
+  """``render_one`` over the active rays only, in whole chunks; the rest are empty.
+
+  Active rays are sorted first (a stable sort of ``~active``), the rays are
+  cut into chunks of ``chunk``, and a chunk with no active ray returns the
+  empty ray (opacity 0, colour 0, depth inf) without rendering.
+  """
+  num_rays = active.shape[0]
+  order = jnp.argsort(~active, stable=True)
+  inverse = jnp.argsort(order)
+  pad = -num_rays % chunk
+
+  def cut(x):
+    x = jnp.concatenate([x[order], jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+    return x.reshape((-1, chunk) + x.shape[1:])
+
+  chunks = jax.tree.map(cut, per_ray)
+  live = cut(active)
+
+  def one_chunk(args):
+    rays, alive = args
+    # Built from the rays so that, under shard_map, both branches vary over the rays' axis.
+    empty = lambda rays: {"rgb": jnp.zeros_like(rays["origin"]),
+                          "opacity": jnp.zeros_like(rays["start"]),
+                          "depth": jnp.full_like(rays["start"], jnp.inf)}
+    return lax.cond(jnp.any(alive), jax.vmap(render_one), empty, rays)
+
+  out = lax.map(one_chunk, (chunks, live))
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_rays][inverse], out)
+
+
 def _segment_reduce(values, view_ids, num_views, reduce, axis_name):
   """Per-view min or max of per-ray values, across devices if sharded.
 
@@ -245,7 +401,7 @@ def _segment_reduce(values, view_ids, num_views, reduce, axis_name):
 
 
 def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
-                      options: RenderOptions, axis_name=None):
+                      options: RenderOptions, axis_name=None, occupancy=None):
   """Renders rays of several views, laid out flat.
 
   Args:
@@ -255,11 +411,15 @@ def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
     key: PRNG key or None.
     num_views: number of views the ``view_id`` index.
     axis_name: mesh axis the rays are split over (inside ``shard_map``).
+    occupancy: the fast mode's ``[G, G, G]`` grid; None: built here.
 
   Returns:
     dict ``rgb [N, 3], depth [N], opacity [N]``.
   """
-  clean = options.mode == "clean"
+  fast = options.mode == "fast"
+  clean = options.mode in ("clean", "fast")
+  if fast and occupancy is None:
+    occupancy = occupancy_grid(decoder_params, planes, options)
   if options.planes_dtype is not None:
     planes = planes.astype(options.planes_dtype)
   real = rays["real"]
@@ -287,7 +447,11 @@ def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
   per_ray = dict(rays, origin=origins, direction=directions, start=start,
                  end=end, t_near=t_near, t_far=t_far, hit=hit)
   del per_ray["real"]
-  render_one = lambda ray: _render_ray(decoder_params, planes, ray, key, options)
+  if fast:
+    render_one = lambda ray: _render_ray_fast(decoder_params, planes, occupancy, ray, key,
+                                              options)
+  else:
+    render_one = lambda ray: _render_ray(decoder_params, planes, ray, key, options)
   if options.remat:
     render_one = jax.checkpoint(render_one)
   # Whole chunks only (the padding rays miss the box and are dropped), so the
@@ -295,11 +459,16 @@ def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
   num_rays = origins.shape[0]
   chunk = min(options.chunk_size, num_rays)
   pad = -num_rays % chunk
-  per_ray = jax.tree.map(
-      lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]),
-      per_ray)
-  out = lax.map(render_one, per_ray, batch_size=chunk)
-  out = jax.tree.map(lambda x: x[:num_rays], out)
+  if fast:
+    active = lax.map(lambda ray: _ray_is_active(occupancy, ray, options), per_ray,
+                     batch_size=chunk)
+    out = _render_compacted(render_one, per_ray, active, chunk)
+  else:
+    per_ray = jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]),
+        per_ray)
+    out = lax.map(render_one, per_ray, batch_size=chunk)
+    out = jax.tree.map(lambda x: x[:num_rays], out)
 
   if clean:
     depth = jnp.clip(out["depth"], start, end)
@@ -315,7 +484,8 @@ def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
 def render_rays(decoder_params: Mapping, planes: jax.Array, origins: jax.Array,
                 directions: jax.Array, noise: Optional[RenderNoise] = None, *,
                 key: Optional[jax.Array] = None,
-                options: RenderOptions = RenderOptions()):
+                options: RenderOptions = RenderOptions(),
+                occupancy: Optional[jax.Array] = None):
   """Renders arbitrary rays of one triplane as one view.
 
   The per-view quantities (miss-ray range, depth clamp) are computed over all
@@ -330,6 +500,8 @@ def render_rays(decoder_params: Mapping, planes: jax.Array, origins: jax.Array,
     key: PRNG key to draw the noise from (ray ``i`` uses view 0, pixel ``i``);
       with neither, deterministic.
     options: :class:`RenderOptions`.
+    occupancy: the fast mode's grid (:func:`occupancy_grid`); None: built in
+      the call.
 
   Returns:
     dict ``rgb [R, 3]`` (on the background), ``depth [R]``, ``opacity [R]``.
@@ -344,7 +516,8 @@ def render_rays(decoder_params: Mapping, planes: jax.Array, origins: jax.Array,
           "real": jnp.ones((num_rays,), bool)}
   if noise is not None:
     rays.update(jitter=noise.jitter, uniforms=noise.uniforms)
-  return _render_flat_rays(decoder_params, planes, rays, key, 1, options)
+  return _render_flat_rays(decoder_params, planes, rays, key, 1, options,
+                           occupancy=occupancy)
 
 
 def _view_rays(c2w, intrinsics, resolution, crop, noise):
@@ -375,7 +548,8 @@ def render_views(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
                  intrinsics: jax.Array, resolution: int, crop=None, *,
                  noise: Optional[RenderNoise] = None,
                  key: Optional[jax.Array] = None,
-                 options: RenderOptions = RenderOptions()):
+                 options: RenderOptions = RenderOptions(),
+                 occupancy: Optional[jax.Array] = None):
   """Renders square views (or the same crop of each) of one triplane.
 
   All views' rays are rendered in chunks of ``options.chunk_size``; the
@@ -391,6 +565,8 @@ def render_views(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
     noise: ``RenderNoise([V, S*S, num_coarse], [V, S*S, num_fine])`` or None.
     key: PRNG key (see :func:`view_noise`); with neither, deterministic.
     options: :class:`RenderOptions` (static).
+    occupancy: the fast mode's grid (:func:`occupancy_grid`; build it once
+      for many calls); None: built in the call.
 
   Returns:
     dict ``rgb [V, S, S, 3], depth [V, S, S], opacity [V, S, S]`` float32.
@@ -400,7 +576,8 @@ def render_views(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
   num_views = c2w.shape[0]
   size = resolution if crop is None else crop[2]
   rays = _view_rays(c2w, intrinsics, resolution, crop, noise)
-  flat = _render_flat_rays(decoder_params, planes, rays, key, num_views, options)
+  flat = _render_flat_rays(decoder_params, planes, rays, key, num_views, options,
+                           occupancy=occupancy)
   return _to_images(flat, num_views, size)
 
 
@@ -409,7 +586,8 @@ def render_views_sharded(decoder_params: Mapping, planes: jax.Array,
                          mesh: Mesh, axis_name: str = "data", crop=None, *,
                          noise: Optional[RenderNoise] = None,
                          key: Optional[jax.Array] = None,
-                         options: RenderOptions = RenderOptions()):
+                         options: RenderOptions = RenderOptions(),
+                         occupancy: Optional[jax.Array] = None):
   """:func:`render_views` with the rays split across a mesh axis.
 
   Rays (of all views, flat) are padded to a multiple of the axis size and
@@ -442,19 +620,23 @@ def render_views_sharded(decoder_params: Mapping, planes: jax.Array,
 
   rays = {name: pad_rays(name, x) for name, x in rays.items()}
   rays_spec = {name: PartitionSpec(axis_name) for name in rays}
+  if options.mode == "fast" and occupancy is None:
+    occupancy = occupancy_grid(decoder_params, planes, options)  # once, replicated
   render = functools.partial(_render_flat_rays, num_views=num_views,
                              options=options, axis_name=axis_name)
   if key is None:
     sharded = jax.shard_map(
-        lambda params, planes, rays: render(params, planes, rays, None),
-        mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), rays_spec),
+        lambda params, planes, rays, grid: render(params, planes, rays, None, occupancy=grid),
+        mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), rays_spec, PartitionSpec()),
         out_specs=PartitionSpec(axis_name))
-    flat = sharded(decoder_params, planes, rays)
+    flat = sharded(decoder_params, planes, rays, occupancy)
   else:
     sharded = jax.shard_map(
-        render, mesh=mesh,
-        in_specs=(PartitionSpec(), PartitionSpec(), rays_spec, PartitionSpec()),
+        lambda params, planes, rays, key, grid: render(params, planes, rays, key,
+                                                       occupancy=grid),
+        mesh=mesh,
+        in_specs=(PartitionSpec(),) * 2 + (rays_spec,) + (PartitionSpec(),) * 2,
         out_specs=PartitionSpec(axis_name))
-    flat = sharded(decoder_params, planes, rays, key)
+    flat = sharded(decoder_params, planes, rays, key, occupancy)
   flat = jax.tree.map(lambda x: x[:num_rays], flat)
   return _to_images(flat, num_views, size)

@@ -273,7 +273,7 @@ def sample_pdf(bins: jax.Array, weights: jax.Array,
 
 
 def importance_depths(depths: jax.Array, weights: jax.Array,
-                      uniforms: jax.Array) -> jax.Array:
+                      uniforms: jax.Array, floor_mask: jax.Array | None = None) -> jax.Array:
   """Fine sample depths from a coarse pass, without gradient.
 
   The coarse weights are smoothed (:func:`smooth_weights`) and floored by
@@ -285,13 +285,17 @@ def importance_depths(depths: jax.Array, weights: jax.Array,
     depths: ``[..., S]`` coarse depths.
     weights: ``[..., S - 1]`` coarse compositing weights.
     uniforms: ``[..., F]`` in ``[0, 1]``.
+    floor_mask: ``[..., S - 1]`` bool, the intervals that get the floor; None:
+      all (as released). The fast mode floors only the intervals before the
+      ray's termination, so that no fine sample is spent behind the surface.
 
   Returns:
     ``[..., F]`` float32 depths (unsorted).
   """
   depths = jax.lax.stop_gradient(depths)
   weights = jax.lax.stop_gradient(weights).astype(jnp.float32)
-  smoothed = smooth_weights(weights) + WEIGHT_FLOOR
+  floor = WEIGHT_FLOOR if floor_mask is None else jnp.where(floor_mask, WEIGHT_FLOOR, 0.0)
+  smoothed = smooth_weights(weights) + floor
   bins = (depths[..., :-1] + depths[..., 1:]) / 2
   return jax.lax.stop_gradient(sample_pdf(bins, smoothed[..., 1:-1], uniforms))
 
@@ -313,3 +317,119 @@ def merge_samples(depths_a, rgb_a, raw_a, depths_b, rgb_b, raw_b):
   return (jnp.take_along_axis(depths, order, axis=-1),
           jnp.take_along_axis(rgb, order[..., None], axis=-2),
           jnp.take_along_axis(raw, order, axis=-1))
+
+
+# --- Empty-space skipping (the fast mode) -------------------------------------
+#
+# An occupancy grid ``[G, G, G]`` (bool, x-major) marks the cells of the box
+# where the field may have density. Each ray probes it at ``P`` evenly spaced
+# points of its box span ``[start, end]``; probe ``p`` stands for the segment
+# ``[start + p h, start + (p + 1) h]``, ``h = (end - start) / P``. The occupied
+# segments laid end to end give the ray's *occupied length* coordinate ``s`` in
+# ``[0, L]``, ``L = h * (occupied probes)``; samples are placed in ``s`` and
+# mapped back to depths by :func:`occupied_depths`, so that a fixed number of
+# samples covers only the occupied spans, however short.
+
+
+def grid_cells(points: jax.Array, resolution: int, box_size: float = 2.0) -> jax.Array:
+  """``[..., 3]`` int32 indices of the occupancy-grid cells holding ``points``.
+
+  Cells split ``[-box/2, box/2]^3`` into ``resolution^3`` equal cubes; points
+  outside are clipped to the nearest cell.
+  """
+  cell = jnp.floor((points / box_size + 0.5) * resolution).astype(jnp.int32)
+  return jnp.clip(cell, 0, resolution - 1)
+
+
+def probe_occupancy(origin: jax.Array, direction: jax.Array, start: jax.Array,
+                    end: jax.Array, grid: jax.Array, num_probes: int,
+                    box_size: float = 2.0) -> jax.Array:
+  """``[..., P]`` bool: the occupancy of each probe segment of rays.
+
+  Args:
+    origin, direction: ``[..., 3]``.
+    start, end: ``[...]`` the ray's span in the box (``end <= start``: no span).
+    grid: ``[G, G, G]`` bool occupancy.
+    num_probes: ``P``, probes a ray (segment midpoints).
+    box_size: side of the cube.
+  """
+  resolution = grid.shape[0]
+  offsets = (np.arange(num_probes, dtype=np.float32) + 0.5) / np.float32(num_probes)
+  depths = start[..., None] + (end - start)[..., None] * offsets
+  cells = grid_cells(sample_points(origin, direction, depths), resolution, box_size)
+  occupied = grid.reshape(-1)[(cells[..., 0] * resolution + cells[..., 1]) * resolution
+                              + cells[..., 2]]
+  return occupied & (end > start)[..., None]
+
+
+def occupied_depths(s: jax.Array, occupied: jax.Array, start: jax.Array,
+                    end: jax.Array) -> jax.Array:
+  """Maps occupied-length coordinates to depths along rays.
+
+  Args:
+    s: ``[..., S]`` coordinates in ``[0, L]`` (in depth units).
+    occupied: ``[..., P]`` bool probe occupancy (:func:`probe_occupancy`).
+    start, end: ``[...]`` the span the probes cover.
+
+  Returns:
+    ``[..., S]`` depths: the point ``s`` along the occupied segments laid end
+    to end. A ray with no occupied segment maps everything to ``end``.
+  """
+  num_probes = occupied.shape[-1]
+  step = ((end - start) / num_probes)[..., None]
+  count = jnp.cumsum(occupied.astype(jnp.int32), axis=-1)  # [..., P] inclusive
+  total = count[..., -1:]
+  scaled = s / jnp.where(step > 0, step, 1.0)
+  j = jnp.clip(jnp.floor(scaled), 0, jnp.maximum(total - 1, 0)).astype(jnp.int32)
+  fraction = jnp.clip(scaled - j, 0.0, 1.0)
+  # The (j + 1)-th occupied probe: the number of probes that have seen at most j.
+  probe = jnp.sum(count[..., None, :] <= j[..., :, None], axis=-1)
+  return jnp.minimum(start[..., None] + (probe + fraction) * step, end[..., None])
+
+
+def occupied_length(occupied: jax.Array, start: jax.Array, end: jax.Array) -> jax.Array:
+  """``[...]`` the total length ``L`` of the occupied probe segments of rays."""
+  num_probes = occupied.shape[-1]
+  return jnp.sum(occupied, axis=-1) * ((end - start) / num_probes)
+
+
+def alive_intervals(weights: jax.Array, threshold: float) -> jax.Array:
+  """``[..., S - 1]`` bool: intervals whose transmittance in front is ``>= threshold``.
+
+  The transmittance in front of interval ``i`` is ``1 - sum(w[:i])``; once it
+  falls below ``threshold`` nothing behind can change a pixel by more than it.
+  """
+  ahead = jnp.cumsum(weights, axis=-1) - weights
+  return (1.0 - ahead) >= threshold
+
+
+def composite_spans(rgb: jax.Array, raw_density: jax.Array, s: jax.Array, depths: jax.Array,
+                    threshold: float = 0.0):
+  """:func:`composite` over samples placed in occupied length, with termination.
+
+  The intervals are measured in ``s`` (the empty gaps between occupied spans
+  hold no density and are left out); the depth is averaged over the depths
+  ``t(s)`` of the interval midpoints; intervals whose transmittance in front
+  is below ``threshold`` get weight 0 (:func:`alive_intervals`).
+
+  Args:
+    rgb: ``[..., S, 3]``; raw_density ``[..., S]``.
+    s: ``[..., S]`` sorted occupied-length coordinates.
+    depths: ``[..., S]`` their depths.
+    threshold: early-termination transmittance; 0 keeps every interval.
+
+  Returns:
+    ``(weights [..., S-1], rgb [..., 3], opacity [...], depth [...])`` as
+    :func:`composite`.
+  """
+  weights, _, _, _ = composite(rgb, raw_density, s)
+  if threshold > 0:
+    weights = jnp.where(alive_intervals(weights, threshold), weights, 0.0)
+  rgb_mid = (rgb[..., :-1, :] + rgb[..., 1:, :]) / 2
+  depth_mid = (depths[..., :-1] + depths[..., 1:]) / 2
+  rgb_out = jnp.sum(weights[..., None] * rgb_mid, axis=-2)
+  opacity = jnp.sum(weights, axis=-1)
+  seen = opacity > 0
+  depth_sum = jnp.sum(weights * depth_mid, axis=-1)
+  depth = jnp.where(seen, depth_sum / jnp.where(seen, opacity, 1.0), jnp.inf)
+  return weights, rgb_out, opacity, depth
