@@ -127,6 +127,24 @@ def test_grid_sample_matches_pytorch_at_borders():
   np.testing.assert_allclose(np.asarray(corner)[0], image[0, 0] / 4, rtol=1e-6)
 
 
+@pytest.mark.parametrize("gather", ["per_plane", "one"])
+def test_triplane_sampling_matches_pytorch(gather):
+  F = torch.nn.functional
+  rng = np.random.default_rng(2)
+  planes = rng.standard_normal((3, 5, 7, 4)).astype(np.float32)  # [3, H, W, C], non-square
+  points = rng.uniform(-1.2, 1.2, (500, 3)).astype(np.float32)
+  points[:12] = np.array([[-1, -1, -1], [1, 1, 1], [1, -1, 0.3], [-0.9999, 0.9999, 1.0]] * 3)
+  ours = np.asarray(triplane.sample_triplane(jnp.asarray(planes), jnp.asarray(points),
+                                             gather=gather))
+  coords = np.stack([points[:, [0, 1]], points[:, [0, 2]], points[:, [2, 1]]])  # [3, M, 2]
+  expected = F.grid_sample(_torch(planes).permute(0, 3, 1, 2), _torch(coords)[:, None],
+                           mode="bilinear", padding_mode="zeros", align_corners=False)
+  expected = expected[:, :, 0].permute(2, 0, 1).reshape(len(points), -1).numpy()
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="gather"):
+    triplane.sample_triplane(jnp.asarray(planes), jnp.asarray(points), gather="two")
+
+
 def test_field_query_matches_pytorch():
   ref, params = _reference(SMALL, seed=5)
   rng = np.random.default_rng(1)

@@ -86,9 +86,40 @@ def grid_sample(image: jax.Array, coords: jax.Array) -> jax.Array:
   return out.astype(image.dtype)
 
 
-def sample_triplane(planes: jax.Array, points: jax.Array,
-                    box_size: float = 2.0) -> jax.Array:
+def sample_triplane(planes: jax.Array, points: jax.Array, box_size: float = 2.0,
+                    gather: str = "per_plane") -> jax.Array:
   """Samples one triplane at points.
+
+  Args:
+    planes: ``[3, H, W, C]``.
+    points: ``[..., 3]``.
+    box_size: side of the cube the planes span.
+    gather: ``"per_plane"``, three :func:`grid_sample` calls (four gathers
+      each); ``"one"``, :func:`sample_triplane_one_gather`.
+
+  Returns:
+    ``[..., 3 * C]`` features ordered ``[f_xy, f_xz, f_zy]``.
+  """
+  if gather == "one":
+    return sample_triplane_one_gather(planes, points, box_size)
+  if gather != "per_plane":
+    raise ValueError(f"gather must be 'per_plane' or 'one', got {gather!r}")
+  coords = project_to_planes(points, box_size)
+  feats = [grid_sample(planes[i], coords[..., i, :]) for i in range(3)]
+  return jnp.concatenate(feats, axis=-1)
+
+
+def sample_triplane_one_gather(planes: jax.Array, points: jax.Array,
+                               box_size: float = 2.0) -> jax.Array:
+  """:func:`sample_triplane` with the three planes' twelve corners in one gather.
+
+  Each plane is :func:`grid_sample` (the same zero border, weights and
+  rounding, up to the order XLA fuses the sums in); the three padded planes
+  are laid end to end in one table so that all corners of all planes are read
+  by a single ``take``. On CPUs it is the slower form (XLA materialises the
+  ``[..., 3, 4, C]`` corners instead of fusing the gathers into the sum:
+  139 ms against 80 ms for 131,072 points of 3 x 64 x 64 x 80 planes on 2
+  cores); ``RenderOptions.plane_gather`` picks it where it pays.
 
   Args:
     planes: ``[3, H, W, C]``.
@@ -98,9 +129,34 @@ def sample_triplane(planes: jax.Array, points: jax.Array,
   Returns:
     ``[..., 3 * C]`` features ordered ``[f_xy, f_xz, f_zy]``.
   """
-  coords = project_to_planes(points, box_size)
-  feats = [grid_sample(planes[i], coords[..., i, :]) for i in range(3)]
-  return jnp.concatenate(feats, axis=-1)
+  _, height, width, channels = planes.shape
+  table = jnp.pad(planes, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(-1, channels)
+  coords = project_to_planes(points, box_size).astype(jnp.float32)  # [..., 3, 2]
+  px = ((coords[..., 0] + 1.0) * width - 1.0) * 0.5
+  py = ((coords[..., 1] + 1.0) * height - 1.0) * 0.5
+  x0 = jnp.floor(px)
+  y0 = jnp.floor(py)
+  wx1 = px - x0
+  wy1 = py - y0
+  wx0 = 1.0 - wx1
+  wy0 = 1.0 - wy1
+  x0 = x0.astype(jnp.int32) + 1
+  y0 = y0.astype(jnp.int32) + 1
+  base = jnp.arange(3, dtype=jnp.int32) * ((height + 2) * (width + 2))  # each plane's offset
+
+  def index(y, x):
+    y = jnp.clip(y, 0, height + 1)
+    x = jnp.clip(x, 0, width + 1)
+    return base + y * (width + 2) + x  # [..., 3]
+
+  # Corners in grid_sample's order of summation: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
+  indices = jnp.stack([index(y0, x0), index(y0, x0 + 1), index(y0 + 1, x0),
+                       index(y0 + 1, x0 + 1)], axis=-1)  # [..., 3, 4]
+  weights = jnp.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], axis=-1)
+  corners = jnp.take(table, indices, axis=0).astype(jnp.float32)  # [..., 3, 4, C]
+  out = (corners[..., 0, :] * weights[..., 0, None] + corners[..., 1, :] * weights[..., 1, None]
+         + corners[..., 2, :] * weights[..., 2, None] + corners[..., 3, :] * weights[..., 3, None])
+  return out.astype(planes.dtype).reshape(out.shape[:-2] + (3 * channels,))
 
 
 def decoder_layer_names(decoder_params: Mapping[str, Mapping[str, jax.Array]]):

@@ -98,6 +98,7 @@ class RenderOptions:
   mlp_dtype: str = "float32"  # compute dtype of the decoder's matmuls
   planes_dtype: Optional[str] = None  # sample planes in this dtype; None: as given
   remat: bool = False  # recompute each chunk in the backward pass
+  plane_gather: str = "per_plane"  # triplane.sample_triplane's gather: per_plane or one
   # The fast mode's empty-space skipping and early termination (other modes ignore these).
   occupancy_resolution: int = 64  # cells a side of the occupancy grid
   occupancy_threshold: float = 0.01  # activated density above which a cell is occupied
@@ -115,6 +116,8 @@ class RenderOptions:
       raise ValueError("need occupancy_threshold >= 0 and termination in [0, 1)")
     if self.num_coarse < 2 or (self.num_fine > 0 and self.num_coarse < 4):
       raise ValueError("need num_coarse >= 2, and >= 4 with importance samples")
+    if self.plane_gather not in ("per_plane", "one"):
+      raise ValueError(f"plane_gather must be 'per_plane' or 'one', got {self.plane_gather!r}")
     if self.chunk_size < 1:
       raise ValueError("chunk_size must be positive")
     background = tuple(float(c) for c in self.background)
@@ -208,7 +211,7 @@ def query_samples(decoder_params: Mapping, planes: jax.Array, points: jax.Array,
   Returns:
     ``(raw_density [...], rgb [..., 3])`` float32.
   """
-  features = triplane.sample_triplane(planes, points, options.box_size)
+  features = triplane.sample_triplane(planes, points, options.box_size, options.plane_gather)
   return triplane.decode_features(decoder_params, features,
                                   dtype=jnp.dtype(options.mlp_dtype))
 
