@@ -9,8 +9,13 @@ Variants:
   OBJ: floaters removed, decimated to 50k faces, and a UV-textured GLB
   (``--config.mesh.texture=vertex --config.mesh.format=obj --config.mesh.min_component=0
   --config.mesh.max_faces=0`` writes the released output).
-* ``fast``: the same outputs with bfloat16 model compute, bfloat16 planes and
-  decoder matmuls in the renderer (GPU/TPU).
+* ``fast``: the same outputs from the renderer's fast mode (16 + 16 samples a
+  ray laid only in the cells of an occupancy grid built once per object, rays
+  stopped where the transmittance falls below 1e-3; >= 40 dB against
+  compatible, docs/benchmarks/speed.md), with bfloat16 model compute, bfloat16
+  planes and decoder matmuls (GPU/TPU; on a CPU bfloat16 is emulated, so there
+  ``--config.model.dtype=float32 --config.render.mlp_dtype=float32
+  --config.render.planes_dtype=`` is faster).
 * ``demo``: small sizes for a CPU: 40 views at 128x128, 128^3 mesh grid; the
   embedded toy models of ``examples/`` (the LRM when no checkpoint is given,
   and the image and video models of text -> 3D).
@@ -64,13 +69,20 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   c.render.elevation_deg = 0.0
   c.render.fps = 40
   c.render.format = "mp4"  # mp4 or gif
-  c.render.mode = "compatible"  # compatible (released quirks) or clean
+  # compatible (released quirks), clean, or fast (samples only in the occupied cells of a grid
+  # built once per object, early ray termination; vf3d_jax/rendering/renderer.py)
+  c.render.mode = "compatible"
   c.render.num_coarse = 64
   c.render.num_fine = 64
   c.render.chunk_size = 16384  # rays per step; bounds memory
   c.render.views_per_call = 8  # views rendered per compiled call
   c.render.mlp_dtype = "float32"
   c.render.planes_dtype = ""  # "" keeps float32 planes
+  # The fast mode's occupancy grid and termination (renderer.RenderOptions).
+  c.render.occupancy_resolution = 64  # cells a side
+  c.render.occupancy_threshold = 0.01  # activated density that makes a cell occupied
+  c.render.occupancy_dilation = 1  # cells the occupied region grows by
+  c.render.termination = 1e-3  # transmittance below which a ray stops
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.enabled = True
@@ -104,6 +116,9 @@ def get_config(arg: str = "vfusion3d") -> ml_collections.ConfigDict:
   t.sample.replace_first_frame = True
 
   if arg == "fast":
+    c.render.mode = "fast"
+    c.render.num_coarse = 16
+    c.render.num_fine = 16
     c.model.dtype = "bfloat16"
     c.render.mlp_dtype = "bfloat16"
     c.render.planes_dtype = "bfloat16"

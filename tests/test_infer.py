@@ -128,6 +128,26 @@ def test_deterministic_runs_repeat_and_random_runs_differ(workspace):
   assert np.abs(a - c).max() > 0
 
 
+def test_the_fast_mode_renders_the_compatible_turntable(workspace):
+  """The fast variant's renderer (16 + 16 samples in the occupied cells) against the
+  released sampling (64 + 64 everywhere), with the occupancy grid built once."""
+  _, ckpt, _ = workspace
+  arch, params = vfusion3d.load_checkpoint_file(str(ckpt))
+  fast_config = _config(**{k: v for k, v in infer_configs.get_config("fast").render.items()
+                           if k in ("mode", "num_coarse", "num_fine", "occupancy_resolution",
+                                    "termination")})
+  assert fast_config.render.mode == "fast" and fast_config.render.num_coarse == 16
+  reference_config = _config(mode="compatible", num_coarse=64, num_fine=64)
+  fast, reference = (infer.Reconstructor(arch, params, c) for c in (fast_config, reference_config))
+  planes = fast.planes(np.full((TINY.input_size, TINY.input_size, 3), 0.5, np.float32))
+  grid = np.asarray(fast.occupancy(planes))
+  assert grid.shape == (64,) * 3 and grid.any()
+  assert reference.occupancy(planes) is None
+  a, b = fast.turntable(planes, None, progress=False), reference.turntable(planes, None, False)
+  psnr = -10 * np.log10(np.mean(np.square(a - b)))
+  assert psnr > 40.0, psnr
+
+
 def _infer(*args):
   return subprocess.run([sys.executable, "-m", "vf3d_jax.infer", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300,
@@ -170,6 +190,7 @@ def test_cli_checks_image_output_and_config_before_the_checkpoint(workspace, tmp
     ("render.num_views", 0, "render.num_views must be a number >= 1, got 0"),
     ("render.resolution", -8, "render.resolution must be a number >= 1, got -8"),
     ("render.fps", 0, "render.fps must be a number >= 1, got 0"),
+    ("render.mode", "quick", "render.mode must be one of compatible, clean, fast, got 'quick'"),
     ("mesh.resolution", 1, "mesh.resolution must be a number >= 2, got 1"),
     ("mesh.coarse_block", 1, "mesh.coarse_block must be 0 (off) or an integer >= 2, got 1"),
     ("preprocess.max_side", 0, "preprocess.max_side must be a number >= 1, got 0"),

@@ -197,3 +197,22 @@ def test_termination_and_options():
     renderer.RenderOptions(mode="fast", termination=1.0)
   with pytest.raises(ValueError, match="occupancy_resolution"):
     renderer.RenderOptions(mode="fast", occupancy_resolution=0)
+
+
+def test_work_counts(scene):
+  decoder, planes, c2w, intrinsics = scene
+  compatible = renderer.count_work(decoder, planes, c2w, intrinsics, RES, COMPATIBLE)
+  rays = 3 * RES * RES
+  assert compatible["rays"] == rays and compatible["chunks_run"] == compatible["chunks"] == 2
+  assert compatible["mlp_evaluations"] == 2 * 4096 * 128
+  assert compatible["plane_lookups"] == 3 * compatible["mlp_evaluations"]
+  fast = renderer.count_work(decoder, planes, c2w, intrinsics, RES, FAST)
+  grid = np.asarray(_grid(decoder, planes, options=FAST))
+  assert fast["occupied_fraction"] == pytest.approx(grid.mean())
+  assert 0 < fast["active_rays"] < fast["rays_in_box"] <= rays
+  assert fast["chunks_run"] == -(-fast["active_rays"] // 512) < fast["chunks"]
+  assert fast["mlp_evaluations"] == fast["chunks_run"] * 512 * 32
+  assert fast["grid_evaluations"] == 129 ** 3 and fast["occupancy_probes"] == rays * 128
+  # The dilated cube is about 0.6 of the box a side, and many rays in the box pass it by
+  # (measured: 0.17 of the in-box length is occupied).
+  assert 0.1 < fast["occupied_length_fraction"] < 0.3

@@ -317,9 +317,10 @@ class Scorer:
     """``(rgb [V, R, R, 3], opacity [V, R, R])``, deterministic, ``render.views_per_call`` at a time."""
     step = max(1, int(self.config.render.views_per_call))
     rgb, opacity = [], []
+    occupancy = self.reconstructor.occupancy(planes)  # the fast mode's grid, once an object
     for i in range(0, len(c2w), step):
       out = self.reconstructor.render_cameras(planes, c2w[i:i + step], intrinsics[i:i + step],
-                                              resolution)
+                                              resolution, occupancy=occupancy)
       rgb.append(np.asarray(out["rgb"]))
       opacity.append(np.asarray(out["opacity"]))
     return np.clip(np.concatenate(rgb), 0.0, 1.0), np.concatenate(opacity)

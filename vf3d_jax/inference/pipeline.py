@@ -81,10 +81,13 @@ class Reconstructor:
                 attention_impl=config.model.attention_impl or None)
     self._planes = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c))
     r = config.render
+    fast = {name: r[name] for name in ("occupancy_resolution", "occupancy_threshold",
+                                       "occupancy_dilation", "termination") if name in r}
     self.render_options = renderer.RenderOptions(
         num_coarse=r.num_coarse, num_fine=r.num_fine, mode=r.mode, chunk_size=r.chunk_size,
-        mlp_dtype=r.mlp_dtype, planes_dtype=r.planes_dtype or None)
+        mlp_dtype=r.mlp_dtype, planes_dtype=r.planes_dtype or None, **fast)
     self._render = jax.jit(renderer.render_views, static_argnames=("resolution", "options"))
+    self._occupancy = jax.jit(renderer.occupancy_grid, static_argnames=("options",))
     self.decoder_params = params["synthesizer"]["decoder"]
 
   def planes(self, image: np.ndarray, camera: np.ndarray | None = None) -> jax.Array:
@@ -93,11 +96,23 @@ class Reconstructor:
     camera = cameras.DEFAULT_SOURCE_CAMERA if camera is None else camera
     return self._planes(self.params, jnp.asarray(image)[None], jnp.asarray(camera)[None])[0]
 
+  def occupancy(self, planes: jax.Array) -> jax.Array | None:
+    """The fast mode's occupancy grid of ``planes`` (None in the other modes): build it
+    once per object and pass it to every render of it."""
+    if self.render_options.mode != "fast":
+      return None
+    return self._occupancy(self.decoder_params, planes, options=self.render_options)
+
   def render_cameras(self, planes: jax.Array, c2w, intrinsics, resolution: int,
-                     key: jax.Array | None = None) -> dict[str, jax.Array]:
-    """``render_views`` of ``planes`` from ``c2w [V, 4, 4]``, ``intrinsics [V, 4]``."""
+                     key: jax.Array | None = None,
+                     occupancy: jax.Array | None = None) -> dict[str, jax.Array]:
+    """``render_views`` of ``planes`` from ``c2w [V, 4, 4]``, ``intrinsics [V, 4]``
+    (in the fast mode with ``occupancy``, else a grid built for the call)."""
+    if occupancy is None:
+      occupancy = self.occupancy(planes)
     return self._render(self.decoder_params, planes, jnp.asarray(c2w), jnp.asarray(intrinsics),
-                        resolution=resolution, key=key, options=self.render_options)
+                        resolution=resolution, key=key, options=self.render_options,
+                        occupancy=occupancy)
 
   def turntable_cameras(self, key: jax.Array | None):
     """``([V, 4, 4], [V, 4])``: the orbit, its angle offset ~ U(0, 1 degree) unless deterministic."""
@@ -113,13 +128,15 @@ class Reconstructor:
     camera_key, noise_key = (None, None) if key is None else jax.random.split(key)
     c2w, intrinsics = self.turntable_cameras(camera_key)
     frames = []
+    occupancy = self.occupancy(planes)  # once for all views
     step = max(1, r.views_per_call)
     for i in tqdm.trange(0, r.num_views, step, desc="turntable", unit="call",
                          disable=no_bar(progress), leave=False):
       # Each call gets its own key so views of different calls draw different samples.
       call_key = None if noise_key is None else jax.random.fold_in(noise_key, i)
       out = self._render(self.decoder_params, planes, c2w[i:i + step], intrinsics[i:i + step],
-                         resolution=r.resolution, key=call_key, options=self.render_options)
+                         resolution=r.resolution, key=call_key, options=self.render_options,
+                         occupancy=occupancy)
       frames.append(np.asarray(out["rgb"]))
     return np.clip(np.concatenate(frames), 0.0, 1.0)
 
@@ -358,6 +375,13 @@ def validate_config(config) -> None:
   if config.render.enabled:
     _positive(config, ["render.num_views", "render.resolution", "render.fps",
                        "render.num_coarse", "render.chunk_size"])
+    if config.render.mode not in renderer.MODES:
+      raise ValueError(f"render.mode must be one of {', '.join(renderer.MODES)}, "
+                       f"got {config.render.mode!r}")
+    if config.render.mode == "fast":
+      _positive(config, ["render.occupancy_resolution"])
+      if not 0 <= config.render.termination < 1:
+        raise ValueError(f"render.termination must be in [0, 1), got {config.render.termination!r}")
   if config.mesh.enabled:
     _positive(config, ["mesh.chunk"])
     _positive(config, ["mesh.resolution"], minimum=2)

@@ -584,6 +584,54 @@ def render_views(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
   return _to_images(flat, num_views, size)
 
 
+def count_work(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
+               intrinsics: jax.Array, resolution: int, options: RenderOptions = RenderOptions(),
+               occupancy: Optional[jax.Array] = None) -> dict[str, float]:
+  """What one :func:`render_views` call of these views evaluates (not jitted; for benchmarks).
+
+  Counts follow the chunk loop: every chunk runs ``chunk * (num_coarse +
+  num_fine)`` decoder evaluations, each of which reads the three planes (one
+  bilinear lookup of 4 texels a plane). The compatible and clean modes run every
+  chunk; the fast mode only the chunks holding a ray that meets an occupied
+  cell (rays sorted first), and probes its grid ``probes`` times a ray; its grid
+  costs ``(2G + 1)^3`` evaluations once per object.
+
+  Returns:
+    dict: ``rays``, ``rays_in_box``, ``chunks``, ``chunks_run``,
+    ``mlp_evaluations``, ``plane_lookups`` (per call) and, in the fast mode,
+    ``active_rays``, ``occupancy_probes``, ``grid_evaluations`` (per object),
+    ``occupied_fraction`` (of the grid's cells) and ``occupied_length_fraction``
+    (of the in-box span of the rays in the box).
+  """
+  rays = _view_rays(c2w, intrinsics, resolution, None, None)
+  num_rays = rays["origin"].shape[0]
+  t_near, t_far, hit = volume.intersect_box(rays["origin"], rays["direction"], options.box_size)
+  hit = hit & (t_far > 0)
+  chunk = min(options.chunk_size, num_rays)
+  chunks = -(-num_rays // chunk)
+  out = {"rays": num_rays, "rays_in_box": int(jnp.sum(hit)), "chunks": chunks}
+  chunks_run = chunks
+  if options.mode == "fast":
+    if occupancy is None:
+      occupancy = occupancy_grid(decoder_params, planes, options)
+    start = jnp.where(hit, jnp.maximum(t_near, 0.0), 0.0)
+    end = jnp.where(hit, t_far, 0.0)
+    occupied = jax.jit(jax.vmap(functools.partial(
+        volume.probe_occupancy, grid=occupancy, num_probes=options.probes,
+        box_size=options.box_size)))(rays["origin"], rays["direction"], start, end)
+    active = int(jnp.sum(jnp.any(occupied, axis=-1)))
+    chunks_run = -(-active // chunk)
+    span = jnp.sum(jnp.where(hit, end - start, 0.0))
+    length = jnp.sum(volume.occupied_length(occupied, start, end))
+    out.update(active_rays=active, occupancy_probes=num_rays * options.probes,
+               grid_evaluations=(2 * options.occupancy_resolution + 1) ** 3,
+               occupied_fraction=float(jnp.mean(occupancy)),
+               occupied_length_fraction=float(length / jnp.maximum(span, 1e-12)))
+  evaluations = chunks_run * chunk * (options.num_coarse + options.num_fine)
+  out.update(chunks_run=chunks_run, mlp_evaluations=evaluations, plane_lookups=3 * evaluations)
+  return out
+
+
 def render_views_sharded(decoder_params: Mapping, planes: jax.Array,
                          c2w: jax.Array, intrinsics: jax.Array, resolution: int,
                          mesh: Mesh, axis_name: str = "data", crop=None, *,
