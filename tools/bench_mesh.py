@@ -3,6 +3,7 @@ r"""Benchmark: the mesh's grid, clean-up and texture at the default settings, an
   python -m tools.bench_mesh                                # the demo LRM on an example image
   python -m tools.bench_mesh --checkpoint model.safetensors --image photo.png
   python -m tools.bench_mesh --resolution 128 --texture_size 512 --max_faces 20000  # the demo's
+  python -m tools.bench_mesh --fit data/fits/procedural-0-0.safetensors  # a fitted field
 
 One image's planes, then the density grid both ways: every grid point queried
 (``density_grid``) against coarse to fine (``density_grid_coarse_to_fine``
@@ -18,6 +19,13 @@ the released pipeline's vertex-coloured OBJ of the raw surface against the
 textured GLB and OBJ + MTL + PNG of the cleaned one. Defaults are
 ``configs/infer.py``'s (512^3, 50,000 faces, 1024^2 texture). JSON on the last
 line.
+
+``--fit`` takes the field from ``tools/fit_triplane.py``'s output (planes and a
+decoder of the released sizes fitted to one object) instead of an LRM and an
+image: the realistic field at real sizes without the released weights.
+Queries are decoder evaluations, each reading the three planes once (one
+bilinear lookup of 4 texels a plane): plane lookups are three times the
+queries.
 """
 
 import glob
@@ -38,6 +46,7 @@ from vf3d_jax.inference import mesh as mesh_lib
 from vf3d_jax.inference import preprocess
 from vf3d_jax.inference import texture as texture_lib
 from vf3d_jax.inference.pipeline import Reconstructor
+from vf3d_jax.rendering import fit
 
 _DEFAULTS = infer_configs.get_config().mesh
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "examples/lrm_tiny.safetensors", "LRM weights.")
@@ -47,6 +56,7 @@ _MAX_FACES = flags.DEFINE_integer("max_faces", _DEFAULTS.max_faces, "Face budget
 _TEXTURE = flags.DEFINE_integer("texture_size", _DEFAULTS.texture_size, "Texture side.")
 _MIN_COMPONENT = flags.DEFINE_float("min_component", _DEFAULTS.min_component,
                                     "Floaters: pieces below this fraction of the faces.")
+_FIT = flags.DEFINE_string("fit", "", "A fitted field (tools/fit_triplane.py) instead of an LRM.")
 _COARSE_BLOCK = flags.DEFINE_integer("coarse_block", _DEFAULTS.coarse_block or 8,
                                      "Grid intervals per block of the coarse-to-fine grid (>= 2).")
 
@@ -88,6 +98,8 @@ def _coarse_to_fine(query, m, block: int, full_seconds: float, full_mesh) -> dic
       "queries": {"full_grid": stats.full_queries, "coarse": stats.coarse_queries,
                   "fine": stats.fine_queries, "coarse_to_fine": stats.queries,
                   "with_padding": stats.padded_queries,
+                  "plane_lookups": {"full_grid": 3 * stats.full_queries,
+                                    "coarse_to_fine": 3 * stats.queries},
                   "fraction": round(stats.query_fraction, 4)},
       "marked_block_fraction": round(stats.marked_fraction, 4),
       "faces": {"full_grid": len(full_mesh.faces), "coarse_to_fine": len(fast_mesh.faces)},
@@ -99,17 +111,22 @@ def _coarse_to_fine(query, m, block: int, full_seconds: float, full_mesh) -> dic
 
 def main(argv):
   del argv
-  arch, params = pretrained.load_lrm(_CHECKPOINT.value)
   config = infer_configs.get_config()
   config.mesh.update(resolution=_RESOLUTION.value, max_faces=_MAX_FACES.value,
                      texture_size=_TEXTURE.value, min_component=_MIN_COMPONENT.value)
-  rec = Reconstructor(arch, params, config)
-  path = _IMAGE.value or sorted(glob.glob("examples/images/*.png"))[0]
-  image, _ = preprocess.preprocess_image(path, size=arch.input_size,
-                                         foreground_ratio=config.preprocess.foreground_ratio,
-                                         matting_fn=config.preprocess.matting)
-  planes = jax.block_until_ready(rec.planes(image))
-  query = mesh_lib.field_query_fn(params, planes)
+  if _FIT.value:
+    decoder, planes, _ = fit.load_fit(_FIT.value)
+    path, checkpoint = _FIT.value, None
+    query = mesh_lib.field_query_fn({"decoder": decoder}, planes)
+  else:
+    arch, params = pretrained.load_lrm(_CHECKPOINT.value)
+    rec = Reconstructor(arch, params, config)
+    path, checkpoint = _IMAGE.value or sorted(glob.glob("examples/images/*.png"))[0], _CHECKPOINT.value
+    image, _ = preprocess.preprocess_image(path, size=arch.input_size,
+                                           foreground_ratio=config.preprocess.foreground_ratio,
+                                           matting_fn=config.preprocess.matting)
+    planes = jax.block_until_ready(rec.planes(image))
+    query = mesh_lib.field_query_fn(params, planes)
   m = config.mesh
   # Compile the query for the chunks the timed grid sends (R^3 points, or m.chunk).
   mesh_lib.density_grid(query, min(m.resolution, int(np.ceil(m.chunk ** (1 / 3)))), m.chunk)
@@ -136,7 +153,8 @@ def main(argv):
              "textured_obj_mtl_png_mb": _sizes(obj) / 2 ** 20}
   result = {
       "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "image": path,
-      "checkpoint": _CHECKPOINT.value, "resolution": m.resolution, "max_faces": m.max_faces,
+      "checkpoint": checkpoint, "planes": list(np.shape(planes)),
+      "resolution": m.resolution, "max_faces": m.max_faces,
       "texture_size": m.texture_size,
       "faces": {"marching_cubes": len(raw.faces), "after_floaters": len(kept.faces),
                 "after_simplify": len(small.faces)},

@@ -18,6 +18,24 @@ Planes are ``[3, plane_size, plane_size, channels]`` (released: 64 x 64 x 80), t
 decoder ``3*channels -> hidden x3 -> 4`` (released: 240 -> 64 -> 64 -> 64 -> 4).
 Noise is drawn from a key, as at inference.
 
+With ``--fit`` the field is a fitted one (``tools/fit_triplane.py``: planes
+and decoder of the released sizes fitted to an object, so that most of the box
+is empty as in a real reconstruction) instead of random planes, which fill the
+box with density.
+
+With ``--fast`` (a list of ``coarse+fine`` sample budgets) it then compares
+the fast mode against compatible on ``--compare_views`` views at
+``--resolution`` (float32, the same key): the compatible reference's seconds a
+view, then for each budget the occupancy grid's seconds (once per object), the
+seconds a view, the speed-up, PSNR against compatible (and, with
+``--fast_bf16``, the same in bfloat16 planes and matmuls), and the work
+(``renderer.count_work``: chunks run, decoder evaluations and plane lookups a
+view, probes, the grid's evaluations, occupied fractions).
+
+  python -m tools.fit_triplane --output data/fits/procedural-0-0.safetensors
+  python -m tools.bench_render --fit data/fits/procedural-0-0.safetensors --views 0 \
+      --dtypes float32 --iters 2 --fast 16+16,12+12,8+8 --chunk_size 4096   # CPU, ~2 min
+
 Reference (released PyTorch model, one H200, fp32): 91 ms a 384^2 view; 160-view
 turntable 14.9 s, 23.6 GiB peak.
 """
@@ -33,6 +51,7 @@ import numpy as np
 from vf3d_jax import cli
 from vf3d_jax.models.triplane import TriplaneDecoder
 from vf3d_jax.rendering import cameras
+from vf3d_jax.rendering import fit
 from vf3d_jax.rendering import renderer
 from tools.benchmarking import peak_gib, timed
 
@@ -52,21 +71,99 @@ _PRECISION = flags.DEFINE_enum("matmul_precision", "highest",
                                ["default", "high", "highest"],
                                "jax_default_matmul_precision for float32.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed single-view calls.")
+_FIT = flags.DEFINE_string("fit", "", "A fitted field (tools/fit_triplane.py) instead of random.")
+_FAST = flags.DEFINE_list("fast", [], "Fast-mode coarse+fine budgets to compare, e.g. 16+16,8+8.")
+_COMPARE_VIEWS = flags.DEFINE_integer("compare_views", 1, "Views of the fast comparison.")
+_FAST_BF16 = flags.DEFINE_bool("fast_bf16", True, "Also score the fast mode in bfloat16.")
+_OCCUPANCY = flags.DEFINE_integer("occupancy_resolution", 64, "Fast mode: grid cells a side.")
 
 
-def main(argv):
-  del argv
-  jax.config.update("jax_default_matmul_precision", _PRECISION.value)
+def _field():
+  """``(decoder_params, planes, description)``: the fitted field, or random of the flags' sizes."""
+  if _FIT.value:
+    decoder, planes, meta = fit.load_fit(_FIT.value)
+    return (jax.tree.map(jnp.asarray, decoder), jnp.asarray(planes),
+            {"fit": _FIT.value, "asset": meta.get("asset")})
   planes = 0.5 * jax.random.normal(
       jax.random.key(0),
       (3, _PLANE_SIZE.value, _PLANE_SIZE.value, _CHANNELS.value), jnp.float32)
   decoder_params = TriplaneDecoder(hidden=_HIDDEN.value).init(
       jax.random.key(1), jnp.zeros((1, 3 * _CHANNELS.value)))["params"]
+  return decoder_params, planes, {"fit": None}
+
+
+def _psnr(a, b) -> float:
+  mse = float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+  return round(float("inf") if mse == 0 else -10 * np.log10(mse), 2)
+
+
+def compare_fast(decoder_params, planes, intrinsics, resolution: int) -> dict:
+  """The fast mode against compatible: seconds, PSNR and work a view (module docstring)."""
+  views = _COMPARE_VIEWS.value
+  c2w = cameras.orbit_cameras(views, radius=1.5, azimuth_offset=0.3)
+  intrinsics = jnp.broadcast_to(intrinsics, (views, 4))
+  key = jax.random.key(2)
+  render = jax.jit(renderer.render_views, static_argnames=("resolution", "options"))
+  grid_fn = jax.jit(renderer.occupancy_grid, static_argnames=("options",))
+
+  def per_view(options, occupancy=None):
+    fn = lambda: render(decoder_params, planes, c2w, intrinsics, resolution, key=key,
+                        options=options, occupancy=occupancy)
+    timed(fn)  # compile
+    seconds = float(np.median([timed(fn) for _ in range(max(1, _ITERS.value))]))
+    return fn(), seconds / views
+
+  reference_options = renderer.RenderOptions(chunk_size=_CHUNK.value)
+  reference, reference_s = per_view(reference_options)
+  work = renderer.count_work(decoder_params, planes, c2w, intrinsics, resolution,
+                             reference_options)
+  out = {"views": views, "compatible": {"samples": [64, 64], "view_s": round(reference_s, 3),
+                                        "work_per_view": _per_view(work, views)}, "fast": []}
+  for budget in _FAST.value:
+    coarse, fine = (int(n) for n in budget.split("+"))
+    row = {"samples": [coarse, fine]}
+    for dtype in ["float32"] + (["bfloat16"] if _FAST_BF16.value else []):
+      low = dtype != "float32"
+      options = renderer.RenderOptions(
+          mode="fast", num_coarse=coarse, num_fine=fine, chunk_size=_CHUNK.value,
+          occupancy_resolution=_OCCUPANCY.value, mlp_dtype=dtype,
+          planes_dtype=dtype if low else None)
+      timed(grid_fn, decoder_params, planes, options)  # compile
+      grid_s = timed(grid_fn, decoder_params, planes, options)
+      occupancy = grid_fn(decoder_params, planes, options)
+      image, seconds = per_view(options, occupancy)
+      psnr = _psnr(image["rgb"], reference["rgb"])
+      if low:
+        row.update(bf16_view_s=round(seconds, 3), bf16_psnr_db=psnr)
+        continue
+      work = renderer.count_work(decoder_params, planes, c2w, intrinsics, resolution, options,
+                                 occupancy)
+      row.update(grid_s=round(grid_s, 3), view_s=round(seconds, 3),
+                 speedup=round(reference_s / seconds, 2), psnr_db=psnr,
+                 opacity_max_abs=round(float(jnp.max(jnp.abs(
+                     image["opacity"] - reference["opacity"]))), 4),
+                 work_per_view=_per_view(work, views))
+    out["fast"].append(row)
+    print(json.dumps(row), flush=True)
+  return out
+
+
+def _per_view(work: dict, views: int) -> dict:
+  """Counts a call of ``views`` views made per view (the per-object ones kept as they are)."""
+  per_object = ("grid_evaluations", "occupied_fraction", "occupied_length_fraction")
+  return {k: (v if k in per_object or isinstance(v, float) else round(v / views))
+          for k, v in work.items()}
+
+
+def main(argv):
+  del argv
+  jax.config.update("jax_default_matmul_precision", _PRECISION.value)
+  decoder_params, planes, field = _field()
   intrinsics = jnp.asarray(cameras.DEFAULT_INTRINSICS)
   resolution = _RESOLUTION.value
 
   results = []
-  for dtype in _DTYPES.value:
+  for dtype in _DTYPES.value:  # --dtypes= (empty) skips to the comparison
     options = renderer.RenderOptions(
         num_coarse=_NUM_COARSE.value, num_fine=_NUM_FINE.value, mode=_MODE.value,
         chunk_size=_CHUNK.value, mlp_dtype=dtype,
@@ -95,16 +192,19 @@ def main(argv):
     results.append(row)
     print(json.dumps(row), flush=True)
 
+  comparison = compare_fast(decoder_params, planes, intrinsics, resolution) if _FAST.value else None
   summary = {
       "backend": jax.default_backend(),
       "device": str(jax.devices()[0].device_kind),
       "resolution": resolution,
       "samples": [_NUM_COARSE.value, _NUM_FINE.value],
-      "planes": [3, _PLANE_SIZE.value, _PLANE_SIZE.value, _CHANNELS.value],
-      "decoder_hidden": _HIDDEN.value,
+      "field": field,
+      "planes": list(planes.shape),
+      "decoder_hidden": int(decoder_params["net_0"]["kernel"].shape[1]),
       "chunk_size": _CHUNK.value,
       "matmul_precision": _PRECISION.value,
       "results": results,
+      "fast_vs_compatible": comparison,
   }
   print(json.dumps(summary, indent=1))
 

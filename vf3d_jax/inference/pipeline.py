@@ -123,12 +123,14 @@ class Reconstructor:
     return c2w, intrinsics
 
   def turntable(self, planes: jax.Array, key: jax.Array | None, progress: bool | None = None):
-    """``[V, R, R, 3]`` float32 frames; views rendered ``views_per_call`` at a time."""
+    """``[V, R, R, 3]`` float32 frames; views rendered ``views_per_call`` at a time, each
+    call's frames copied to the host while the next call runs."""
     r = self.config.render
     camera_key, noise_key = (None, None) if key is None else jax.random.split(key)
     c2w, intrinsics = self.turntable_cameras(camera_key)
     frames = []
     occupancy = self.occupancy(planes)  # once for all views
+    pending = None
     step = max(1, r.views_per_call)
     for i in tqdm.trange(0, r.num_views, step, desc="turntable", unit="call",
                          disable=no_bar(progress), leave=False):
@@ -137,7 +139,11 @@ class Reconstructor:
       out = self._render(self.decoder_params, planes, c2w[i:i + step], intrinsics[i:i + step],
                          resolution=r.resolution, key=call_key, options=self.render_options,
                          occupancy=occupancy)
-      frames.append(np.asarray(out["rgb"]))
+      if pending is not None:  # dispatched: the previous frames come out while it runs
+        frames.append(np.asarray(pending))
+      pending = out["rgb"]
+    if pending is not None:
+      frames.append(np.asarray(pending))
     return np.clip(np.concatenate(frames), 0.0, 1.0)
 
   def mesh(self, planes: jax.Array, progress: bool | None = None,
