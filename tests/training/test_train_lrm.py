@@ -160,3 +160,19 @@ def test_lpips_loss_term_runs_sharded_over_devices(records, tmp_path):
   assert int(state.step) == 1
   metrics = _steps(tmp_path / "lpips")[-1]
   assert metrics["loss/lpips"] > 0 and "loss/mse" not in metrics
+
+
+def test_the_fast_render_mode_trains(records, tmp_path):
+  """Supervision rendered in the fast mode: an occupancy grid of each object's current field
+  (under vmap the skipped chunks become selects), gradients through the occupied samples."""
+  config = lrm_configs.get_config("tiny")
+  config.data.train, config.data.eval = records["train"], ""
+  config.train.steps, config.train.stages = 3, ((3, 16, 16, 8, 8),)
+  config.train.batch_size, config.train.num_views, config.train.log_every = 2, 2, 1
+  config.train.render_mode = "fast"
+  config.num_devices = 2
+  state = lrm_trainer.train_and_evaluate(config, str(tmp_path / "fast"))
+  assert int(state.step) == 3
+  steps = _steps(tmp_path / "fast")
+  assert len(steps) == 3 and all(np.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
+  assert steps[-1]["loss"] != steps[0]["loss"]

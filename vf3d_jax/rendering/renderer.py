@@ -48,7 +48,9 @@ Modes (``RenderOptions.mode``):
   sample is floored there. Rays are sorted so that those that meet an
   occupied cell come first and whole chunks of rays that meet none are
   skipped (``lax.cond`` in the chunk loop; under ``vmap`` the skip becomes a
-  select and only the smaller sample budget saves work). Shapes stay static
+  select and only the smaller sample budget saves work, and inside
+  ``shard_map`` JAX rejects that select, so map objects with ``lax.map`` as the
+  trainer does). Shapes stay static
   and the mode is differentiable (the grid is not: it is a function of
   ``stop_gradient`` of the field).
 

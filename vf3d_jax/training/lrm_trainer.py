@@ -146,6 +146,10 @@ def render_supervision(decoder_params, planes, batch, key, stage: Stage,
       return out["rgb"].reshape(n, size, size, 3), out["opacity"].reshape(n, size, size)
 
     indices = first + jnp.arange(planes.shape[0])
+    if options.mode == "fast":
+      # One object after another, so that each skips its own empty chunks (under vmap a
+      # chunk runs unless every object's is empty).
+      return jax.lax.map(lambda args: one_object(*args), (indices, planes, c2w, intrinsics, crops))
     return jax.vmap(one_object)(indices, planes, c2w, intrinsics, crops)
 
   data = P(sharding.DATA_AXIS)
