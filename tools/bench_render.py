@@ -18,7 +18,8 @@ Planes are ``[3, plane_size, plane_size, channels]`` (released: 64 x 64 x 80), t
 decoder ``3*channels -> hidden x3 -> 4`` (released: 240 -> 64 -> 64 -> 64 -> 4).
 Noise is drawn from a key, as at inference.
 
-With ``--fit`` the field is a fitted one (``tools/fit_triplane.py``: planes
+With ``--checkpoint`` (and ``--image``) the field is the one an LRM
+reconstructs, e.g. the demo model's. With ``--fit`` the field is a fitted one (``tools/fit_triplane.py``: planes
 and decoder of the released sizes fitted to an object, so that most of the box
 is empty as in a real reconstruction) instead of random planes, which fill the
 box with density.
@@ -40,6 +41,7 @@ Reference (released PyTorch model, one H200, fp32): 91 ms a 384^2 view; 160-view
 turntable 14.9 s, 23.6 GiB peak.
 """
 
+import glob
 import json
 
 from absl import app
@@ -48,7 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import infer as infer_configs
 from vf3d_jax import cli
+from vf3d_jax import pretrained
+from vf3d_jax.inference import preprocess
+from vf3d_jax.inference.pipeline import Reconstructor
 from vf3d_jax.models.triplane import TriplaneDecoder
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import fit
@@ -72,6 +78,9 @@ _PRECISION = flags.DEFINE_enum("matmul_precision", "highest",
                                "jax_default_matmul_precision for float32.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed single-view calls.")
 _FIT = flags.DEFINE_string("fit", "", "A fitted field (tools/fit_triplane.py) instead of random.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "An LRM (e.g. examples/lrm_tiny.safetensors): "
+                                  "the field it reconstructs from --image instead of random.")
+_IMAGE = flags.DEFINE_string("image", "", "With --checkpoint; default: the first examples image.")
 _FAST = flags.DEFINE_list("fast", [], "Fast-mode coarse+fine budgets to compare, e.g. 16+16,8+8.")
 _COMPARE_VIEWS = flags.DEFINE_integer("compare_views", 1, "Views of the fast comparison.")
 _FAST_BF16 = flags.DEFINE_bool("fast_bf16", True, "Also score the fast mode in bfloat16.")
@@ -84,6 +93,16 @@ def _field():
     decoder, planes, meta = fit.load_fit(_FIT.value)
     return (jax.tree.map(jnp.asarray, decoder), jnp.asarray(planes),
             {"fit": _FIT.value, "asset": meta.get("asset")})
+  if _CHECKPOINT.value:
+    arch, params = pretrained.load_lrm(_CHECKPOINT.value)
+    config = infer_configs.get_config()
+    path = _IMAGE.value or sorted(glob.glob("examples/images/*.png"))[0]
+    image, _ = preprocess.preprocess_image(path, size=arch.input_size,
+                                           foreground_ratio=config.preprocess.foreground_ratio,
+                                           matting_fn=config.preprocess.matting)
+    planes = Reconstructor(arch, params, config).planes(image)
+    decoder = jax.tree.map(jnp.asarray, params["synthesizer"]["decoder"])
+    return decoder, planes, {"checkpoint": _CHECKPOINT.value, "image": path}
   planes = 0.5 * jax.random.normal(
       jax.random.key(0),
       (3, _PLANE_SIZE.value, _PLANE_SIZE.value, _CHANNELS.value), jnp.float32)
