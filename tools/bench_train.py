@@ -25,10 +25,22 @@ the step without rematerialisation (what the model needs) and ``xla_tflop``
 as compiled (rematerialisation included); MFU = model FLOP/s over the device's
 dense bf16 peak (``--peak_tflops``, known for common GPUs and TPUs). A batch
 that does not fit is reported as such and the next one still runs.
+
+With ``--memory_only`` nothing is run or allocated: for each batch size the
+same jitted step is lowered on abstract state and batch (``ShapeDtypeStruct``
+with the run's shardings) and compiled twice, with rematerialisation
+(``train.remat`` and ``train.remat_renderer``) and without, and XLA's
+``compiled.memory_analysis()`` is reported per device: argument, output, temp,
+alias and generated-code sizes in GiB, the peak estimate argument + output +
+temp - alias, and the seconds to lower and compile (``compile_s``). It needs no accelerator, but the buffer
+assignment is the compiling backend's: a CPU's figures are not a GPU's.
+
+  python -m tools.bench_train --memory_only --batches 4,16   # full-size step, compiled memory
 """
 
 import functools
 import json
+import time
 
 from absl import app
 from absl import flags
@@ -68,6 +80,9 @@ _TRIPLANE_RES = flags.DEFINE_integer("triplane_res", 0, "Triplane tokens a side 
 _LOSS = flags.DEFINE_enum("loss", "lpips", ["lpips", "mse"],
                           "Image loss: the recipe's LPIPS, or the CPU variants' pixel MSE.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0: by device kind).")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False, "Compile the step with and without rematerialisation and report XLA's "
+    "memory analysis instead of timing it; nothing is run or allocated.")
 
 
 def _config(batch: int):
@@ -125,6 +140,25 @@ def _peak_tflops(kind: str, override: float = 0.0) -> float | None:
   return next((peak for name, peak in PEAK_TFLOPS if name.lower() in kind.lower()), None)
 
 
+def _jitted_step(config, model, mesh, *, abstract, stage, optimizer, schedule, lpips_params):
+  """The trainer's step, jitted with the state and batch shardings of ``mesh``, state donated."""
+  state_sharding = sharding.tree_shardings(mesh, abstract, config.train.fsdp)
+  loss_fn = functools.partial(lrm_trainer.compute_losses, model=model, stage=stage,
+                              config=config, lpips_params=lpips_params, mesh=mesh)
+  return jax.jit(functools.partial(lrm_trainer.train_step, optimizer=optimizer,
+                                   schedule=schedule, loss_fn=loss_fn),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh),
+                               sharding.replicated(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def _like(tree, shardings):
+  """``jax.ShapeDtypeStruct`` leaves of ``tree``'s shapes and dtypes with ``shardings``."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def measure(batch: int) -> dict:
   config = _config(batch)
   mesh = sharding.make_mesh(None)
@@ -139,17 +173,8 @@ def measure(batch: int) -> dict:
   data = sharding.global_batch(mesh, synthetic_batch(
       batch, config.train.num_views, arch.input_size, stage.render_resolution, stage.crop_size))
   key = jax.random.key(0)
-
-  def jitted(config, model, mesh):
-    state_sharding = sharding.tree_shardings(mesh, abstract, config.train.fsdp)
-    loss_fn = functools.partial(lrm_trainer.compute_losses, model=model, stage=stage,
-                                config=config, lpips_params=lpips_params, mesh=mesh)
-    return jax.jit(functools.partial(lrm_trainer.train_step, optimizer=optimizer,
-                                     schedule=schedule, loss_fn=loss_fn),
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh),
-                                 sharding.replicated(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
+  jitted = functools.partial(_jitted_step, abstract=abstract, stage=stage, optimizer=optimizer,
+                             schedule=schedule, lpips_params=lpips_params)
 
   # Model FLOPs: the whole step on one device (so no part is counted per shard),
   # without rematerialisation and with every ray of an object in one renderer
@@ -159,10 +184,8 @@ def measure(batch: int) -> dict:
   plain.train.render_chunk = config.train.num_views * stage.crop_size ** 2
   plain.train.fsdp = False
   one = sharding.make_mesh(1)
-  like = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  one_state = like(abstract, sharding.tree_shardings(one, abstract, False))
-  one_data = like(data, jax.tree.map(lambda _: sharding.batch_sharding(one), data))
+  one_state = _like(abstract, sharding.tree_shardings(one, abstract, False))
+  one_data = _like(data, jax.tree.map(lambda _: sharding.batch_sharding(one), data))
   model_flops = _flops(jitted(plain, lrm_trainer.model_from_config(plain)[1], one).lower(
       one_state, one_data, key).cost_analysis())
 
@@ -202,19 +225,80 @@ def measure(batch: int) -> dict:
   return result
 
 
+MEMORY_FIELDS = (("argument_gib", "argument_size_in_bytes"),
+                 ("output_gib", "output_size_in_bytes"),
+                 ("temp_gib", "temp_size_in_bytes"),
+                 ("alias_gib", "alias_size_in_bytes"),
+                 ("generated_code_gib", "generated_code_size_in_bytes"))
+
+
+def memory_gib(stats) -> dict:
+  """GiB of a ``compiled.memory_analysis()`` result, and the peak estimate.
+
+  The peak is argument + output + temp - alias (donated arguments that the
+  outputs reuse counted once). Every field is None where the backend gives no
+  analysis (``stats`` None) or lacks that field.
+  """
+  raw = {name: getattr(stats, attr, None) for name, attr in MEMORY_FIELDS}
+  row = {name: None if v is None else round(v / 2**30, 3) for name, v in raw.items()}
+  parts = [raw[k] for k in ("argument_gib", "output_gib", "temp_gib", "alias_gib")]
+  row["peak_gib"] = (None if any(v is None for v in parts)
+                     else round((parts[0] + parts[1] + parts[2] - parts[3]) / 2**30, 3))
+  return row
+
+
+def compiled_memory(batch: int) -> dict:
+  """XLA's compiled memory of the step at ``batch`` objects, with and without rematerialisation.
+
+  The step is ``measure``'s, lowered on abstract state, batch and key (shapes,
+  dtypes and shardings only) and compiled, never run.
+  """
+  mesh = sharding.make_mesh(None)
+  result = {"batch": batch, "devices": len(mesh.devices.flat)}
+  lpips_params = None
+  for remat in (True, False):
+    config = _config(batch)
+    config.train.remat = config.train.remat_renderer = remat
+    if lpips_params is None:
+      lpips_params = lrm_trainer.load_lpips(config)
+    arch, model = lrm_trainer.model_from_config(config)
+    stage = lrm_trainer.parse_stages(config.train.stages, config.train.steps)[0]
+    shapes = jax.eval_shape(lambda arch=arch: init_params(arch, jax.random.key(0)))
+    optimizer, schedule = optim.make_optimizer(config.train, shapes)
+    abstract = jax.eval_shape(lambda shapes=shapes, optimizer=optimizer: TrainState(
+        jnp.zeros((), jnp.int32), shapes, optimizer.init(shapes)))
+    state = _like(abstract, sharding.tree_shardings(mesh, abstract, config.train.fsdp))
+    host = synthetic_batch(batch, config.train.num_views, arch.input_size,
+                           stage.render_resolution, stage.crop_size)
+    data = _like(host, jax.tree.map(lambda _: sharding.batch_sharding(mesh), host))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    start = time.perf_counter()
+    compiled = _jitted_step(config, model, mesh, abstract=abstract, stage=stage,
+                            optimizer=optimizer, schedule=schedule,
+                            lpips_params=lpips_params).lower(state, data, key).compile()
+    seconds = time.perf_counter() - start
+    result["remat" if remat else "no_remat"] = {
+        **memory_gib(compiled.memory_analysis()), "compile_s": round(seconds, 1)}
+    del compiled
+  return result
+
+
 def main(argv):
   del argv
   rows = []
   for batch in (int(b) for b in _BATCHES.value):
-    rows.append(measure(batch))
+    rows.append(compiled_memory(batch) if _MEMORY_ONLY.value else measure(batch))
     print(json.dumps(rows[-1]), flush=True)
   coarse, fine = (int(s) for s in _SAMPLES.value)
-  print(json.dumps({
+  summary = {
       "variant": _VARIANT.value, "device": jax.devices()[0].device_kind,
       "devices": len(jax.devices()), "dtype": _DTYPE.value, "views": _VIEWS.value,
       "resolution": _RESOLUTION.value, "crop": _CROP.value, "samples": [coarse, fine],
       "remat": _REMAT.value, "fsdp": _FSDP.value,
-      "reference_objects_per_s": REFERENCE_OBJECTS_PER_S, "results": rows}, indent=1))
+      "reference_objects_per_s": REFERENCE_OBJECTS_PER_S, "results": rows}
+  if _MEMORY_ONLY.value:
+    summary.update(mode="memory_only", remat=[True, False], backend=jax.default_backend())
+  print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
