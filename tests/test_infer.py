@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import imageio.v2 as imageio
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,17 +136,22 @@ def test_the_fast_mode_renders_the_compatible_turntable(workspace):
   arch, params = vfusion3d.load_checkpoint_file(str(ckpt))
   fast_config = _config(**{k: v for k, v in infer_configs.get_config("fast").render.items()
                            if k in ("mode", "num_coarse", "num_fine", "occupancy_resolution",
-                                    "termination")})
+                                    "occupancy_subdivision", "num_probes", "termination",
+                                    "jitter")})
   assert fast_config.render.mode == "fast" and fast_config.render.num_coarse == 16
+  assert not fast_config.render.jitter
   reference_config = _config(mode="compatible", num_coarse=64, num_fine=64)
   fast, reference = (infer.Reconstructor(arch, params, c) for c in (fast_config, reference_config))
   planes = fast.planes(np.full((TINY.input_size, TINY.input_size, 3), 0.5, np.float32))
   grid = np.asarray(fast.occupancy(planes))
-  assert grid.shape == (64,) * 3 and grid.any()
+  assert grid.shape == (128,) * 3 and grid.any()
   assert reference.occupancy(planes) is None
-  a, b = fast.turntable(planes, None, progress=False), reference.turntable(planes, None, False)
+  key = jax.random.key(0)
+  a, b = fast.turntable(planes, key, progress=False), reference.turntable(planes, key, False)
   psnr = -10 * np.log10(np.mean(np.square(a - b)))
   assert psnr > 40.0, psnr
+  # Without jitter a key changes only the orbit's angle offset.
+  np.testing.assert_allclose(fast.turntable(planes, jax.random.key(0), False), a, atol=1e-6)
 
 
 def _infer(*args):

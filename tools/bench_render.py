@@ -26,7 +26,9 @@ box with density.
 
 With ``--fast`` (a list of ``coarse+fine`` sample budgets) it then compares
 the fast mode against compatible on ``--compare_views`` views at
-``--resolution`` (float32, the same key): the compatible reference's seconds a
+``--resolution`` (float32; compatible jittered by a key as released, the fast
+mode at fixed depths unless ``--fast_jitter``; ``--compare_camera``: the
+released turntable's or the orbit records'): the compatible reference's seconds a
 view, then for each budget the occupancy grid's seconds (once per object), the
 seconds a view, the speed-up, PSNR against compatible (and, with
 ``--fast_bf16``, the same in bfloat16 planes and matmuls), and the work
@@ -56,6 +58,7 @@ from vf3d_jax import pretrained
 from vf3d_jax.inference import preprocess
 from vf3d_jax.inference.pipeline import Reconstructor
 from vf3d_jax.models.triplane import TriplaneDecoder
+from vf3d_jax.data import orbits
 from vf3d_jax.rendering import cameras
 from vf3d_jax.rendering import fit
 from vf3d_jax.rendering import renderer
@@ -84,7 +87,17 @@ _IMAGE = flags.DEFINE_string("image", "", "With --checkpoint; default: the first
 _FAST = flags.DEFINE_list("fast", [], "Fast-mode coarse+fine budgets to compare, e.g. 16+16,8+8.")
 _COMPARE_VIEWS = flags.DEFINE_integer("compare_views", 1, "Views of the fast comparison.")
 _FAST_BF16 = flags.DEFINE_bool("fast_bf16", True, "Also score the fast mode in bfloat16.")
-_OCCUPANCY = flags.DEFINE_integer("occupancy_resolution", 64, "Fast mode: grid cells a side.")
+_OCCUPANCY = flags.DEFINE_integer("occupancy_resolution", 128, "Fast mode: grid cells a side.")
+_SUBDIVISION = flags.DEFINE_integer("occupancy_subdivision", 1,
+                                    "Fast mode: grid density queries a cell side.")
+_PROBES = flags.DEFINE_integer("num_probes", 128, "Fast mode: grid probes a ray (0: 2 x cells).")
+_FAST_JITTER = flags.DEFINE_bool("fast_jitter", False,
+                                 "Jitter the fast mode's samples (the inference config does not).")
+_CAMERA = flags.DEFINE_enum(
+    "compare_camera", "turntable", ["turntable", "records"],
+    "Cameras of the comparison: the released turntable's (radius 1.5, the box fills the view) "
+    "or the orbit records' (the box's bounding sphere fills the view, as in training and "
+    "evaluation).")
 
 
 def _field():
@@ -119,15 +132,22 @@ def _psnr(a, b) -> float:
 def compare_fast(decoder_params, planes, intrinsics, resolution: int) -> dict:
   """The fast mode against compatible: seconds, PSNR and work a view (module docstring)."""
   views = _COMPARE_VIEWS.value
-  c2w = cameras.orbit_cameras(views, radius=1.5, azimuth_offset=0.3)
-  intrinsics = jnp.broadcast_to(intrinsics, (views, 4))
+  if _CAMERA.value == "turntable":
+    c2w = cameras.orbit_cameras(views, radius=1.5, azimuth_offset=0.3)
+    intrinsics = jnp.broadcast_to(intrinsics, (views, 4))
+  else:
+    azimuth = 0.3 + np.linspace(0, 2 * np.pi, views, endpoint=False)
+    c2w, intrinsics = orbits.cameras_from_angles(
+        azimuth, np.full(views, 0.3), orbits.fit_distance(orbits.DEFAULT_FOV_DEGREES),
+        orbits.DEFAULT_FOV_DEGREES)
+    c2w, intrinsics = jnp.asarray(c2w), jnp.asarray(intrinsics)
   key = jax.random.key(2)
   render = jax.jit(renderer.render_views, static_argnames=("resolution", "options"))
   grid_fn = jax.jit(renderer.occupancy_grid, static_argnames=("options",))
 
-  def per_view(options, occupancy=None):
-    fn = lambda: render(decoder_params, planes, c2w, intrinsics, resolution, key=key,
-                        options=options, occupancy=occupancy)
+  def per_view(options, occupancy=None, jitter=True):
+    fn = lambda: render(decoder_params, planes, c2w, intrinsics, resolution,
+                        key=key if jitter else None, options=options, occupancy=occupancy)
     timed(fn)  # compile
     seconds = float(np.median([timed(fn) for _ in range(max(1, _ITERS.value))]))
     return fn(), seconds / views
@@ -136,7 +156,10 @@ def compare_fast(decoder_params, planes, intrinsics, resolution: int) -> dict:
   reference, reference_s = per_view(reference_options)
   work = renderer.count_work(decoder_params, planes, c2w, intrinsics, resolution,
                              reference_options)
-  out = {"views": views, "compatible": {"samples": [64, 64], "view_s": round(reference_s, 3),
+  out = {"views": views, "camera": _CAMERA.value, "fast_jitter": _FAST_JITTER.value,
+         "occupancy": {"resolution": _OCCUPANCY.value, "subdivision": _SUBDIVISION.value,
+                       "probes": _PROBES.value or 2 * _OCCUPANCY.value},
+         "compatible": {"samples": [64, 64], "view_s": round(reference_s, 3),
                                         "work_per_view": _per_view(work, views)}, "fast": []}
   for budget in _FAST.value:
     coarse, fine = (int(n) for n in budget.split("+"))
@@ -145,12 +168,13 @@ def compare_fast(decoder_params, planes, intrinsics, resolution: int) -> dict:
       low = dtype != "float32"
       options = renderer.RenderOptions(
           mode="fast", num_coarse=coarse, num_fine=fine, chunk_size=_CHUNK.value,
-          occupancy_resolution=_OCCUPANCY.value, mlp_dtype=dtype,
+          occupancy_resolution=_OCCUPANCY.value, occupancy_subdivision=_SUBDIVISION.value,
+          num_probes=_PROBES.value, mlp_dtype=dtype,
           planes_dtype=dtype if low else None)
       timed(grid_fn, decoder_params, planes, options)  # compile
       grid_s = timed(grid_fn, decoder_params, planes, options)
       occupancy = grid_fn(decoder_params, planes, options)
-      image, seconds = per_view(options, occupancy)
+      image, seconds = per_view(options, occupancy, jitter=_FAST_JITTER.value)
       psnr = _psnr(image["rgb"], reference["rgb"])
       if low:
         row.update(bf16_view_s=round(seconds, 3), bf16_psnr_db=psnr)

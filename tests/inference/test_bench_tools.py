@@ -57,10 +57,11 @@ def test_render_and_mesh_benchmarks_on_a_fitted_field(tmp_path):
        f"--output={field}")
   out = _run("tools.bench_render", f"--fit={field}", "--resolution=32", "--views=0",
              "--dtypes=", "--iters=1", "--chunk_size=256", "--fast=8+8",
-             "--occupancy_resolution=16")
+             "--occupancy_resolution=16", "--occupancy_subdivision=2", "--compare_camera=records")
   result = json.loads(out[out.index("\n{") + 1:])  # the indented summary closes the output
   assert result["planes"] == [3, 16, 16, 8] and result["field"]["fit"] == str(field)
   comparison = result["fast_vs_compatible"]
+  assert comparison["camera"] == "records" and comparison["occupancy"]["probes"] == 128
   compatible = comparison["compatible"]["work_per_view"]
   assert compatible["rays"] == 32 * 32 and compatible["chunks_run"] == compatible["chunks"] == 4
   assert compatible["mlp_evaluations"] == 4 * 256 * 128 == compatible["plane_lookups"] / 3

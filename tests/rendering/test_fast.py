@@ -197,6 +197,18 @@ def test_termination_and_options():
     renderer.RenderOptions(mode="fast", termination=1.0)
   with pytest.raises(ValueError, match="occupancy_resolution"):
     renderer.RenderOptions(mode="fast", occupancy_resolution=0)
+  with pytest.raises(ValueError, match="occupancy_subdivision"):
+    renderer.RenderOptions(mode="fast", occupancy_subdivision=0)
+
+
+def test_a_corner_lattice_grid_is_within_the_finer_one(scene):
+  """Subdivision 1 queries only the cells' corners: a subset of subdivision 2's points."""
+  decoder, planes, _, _ = scene
+  corners = renderer.RenderOptions(mode="fast", occupancy_subdivision=1, occupancy_dilation=0)
+  finer = renderer.RenderOptions(mode="fast", occupancy_subdivision=2, occupancy_dilation=0)
+  a, b = (np.asarray(_grid(decoder, planes, options=o)) for o in (corners, finer))
+  assert a.shape == b.shape == (64,) * 3 and a.any() and not (a & ~b).any()
+  assert a[20:44, 20:44, 20:44].all()
 
 
 def test_work_counts(scene):

@@ -82,7 +82,8 @@ class Reconstructor:
     self._planes = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c))
     r = config.render
     fast = {name: r[name] for name in ("occupancy_resolution", "occupancy_threshold",
-                                       "occupancy_dilation", "termination") if name in r}
+                                       "occupancy_dilation", "occupancy_subdivision",
+                                       "num_probes", "termination") if name in r}
     self.render_options = renderer.RenderOptions(
         num_coarse=r.num_coarse, num_fine=r.num_fine, mode=r.mode, chunk_size=r.chunk_size,
         mlp_dtype=r.mlp_dtype, planes_dtype=r.planes_dtype or None, **fast)
@@ -127,6 +128,8 @@ class Reconstructor:
     call's frames copied to the host while the next call runs."""
     r = self.config.render
     camera_key, noise_key = (None, None) if key is None else jax.random.split(key)
+    if not r.get("jitter", True):
+      noise_key = None  # samples at fixed places: with few samples a ray, jitter is noise
     c2w, intrinsics = self.turntable_cameras(camera_key)
     frames = []
     occupancy = self.occupancy(planes)  # once for all views

@@ -38,8 +38,9 @@ Modes (``RenderOptions.mode``):
 * ``"fast"``: the clean mode's rays (start, hit and depth clamp per ray),
   sampled only where the field can have density. An occupancy grid
   (:func:`occupancy_grid`: ``occupancy_resolution^3`` cells, a cell occupied
-  where the density exceeds ``occupancy_threshold`` at any of its 27 corner,
-  edge, face and centre points, dilated by ``occupancy_dilation`` cells) is
+  where the density exceeds ``occupancy_threshold`` at any of its lattice
+  points (``occupancy_subdivision`` 2: its 27 corner, edge, face and centre
+  points; 1: its 8 corners), dilated by ``occupancy_dilation`` cells) is
   built once per object; each ray probes it at ``num_probes`` points and lays
   its ``num_coarse`` stratified and ``num_fine`` importance samples in the
   occupied spans only (:func:`vf3d_jax.rendering.volume.occupied_depths`),
@@ -105,15 +106,17 @@ class RenderOptions:
   occupancy_resolution: int = 64  # cells a side of the occupancy grid
   occupancy_threshold: float = 0.01  # activated density above which a cell is occupied
   occupancy_dilation: int = 1  # cells the occupied region grows by
+  occupancy_subdivision: int = 2  # density queries a cell side: (s * G + 1)^3 in all
   num_probes: int = 0  # occupancy probes a ray; 0: 2 * occupancy_resolution
   termination: float = 1e-3  # transmittance below which samples stop contributing
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-    if self.occupancy_resolution < 1 or self.occupancy_dilation < 0 or self.num_probes < 0:
-      raise ValueError("need occupancy_resolution >= 1, occupancy_dilation >= 0 and "
-                       "num_probes >= 0")
+    if (self.occupancy_resolution < 1 or self.occupancy_dilation < 0 or self.num_probes < 0
+        or self.occupancy_subdivision < 1):
+      raise ValueError("need occupancy_resolution >= 1, occupancy_subdivision >= 1, "
+                       "occupancy_dilation >= 0 and num_probes >= 0")
     if self.occupancy_threshold < 0 or not 0 <= self.termination < 1:
       raise ValueError("need occupancy_threshold >= 0 and termination in [0, 1)")
     if self.num_coarse < 2 or (self.num_fine > 0 and self.num_coarse < 4):
@@ -272,11 +275,13 @@ def occupancy_grid(decoder_params: Mapping, planes: jax.Array,
                    options: RenderOptions = RenderOptions()) -> jax.Array:
   """The fast mode's occupancy grid of one field (not differentiated).
 
-  The activated density is queried on the ``(2G + 1)^3`` lattice of cell
-  corners, edge and face midpoints and centres (``G =
-  options.occupancy_resolution``), one x-slab at a time; a cell is occupied
-  where any of its 27 points exceeds ``options.occupancy_threshold``, and the
-  occupied set is dilated by ``options.occupancy_dilation`` cells.
+  The activated density is queried on the ``(s G + 1)^3`` lattice that
+  splits each cell side into ``s`` (``G = options.occupancy_resolution``, ``s
+  = options.occupancy_subdivision``; 2: the corners, edge and face midpoints
+  and centres of the cells, 1: their corners), one x-slab at a time; a cell is
+  occupied where any of its ``(s + 1)^3`` points exceeds
+  ``options.occupancy_threshold``, and the occupied set is dilated by
+  ``options.occupancy_dilation`` cells.
 
   Args:
     decoder_params: ``{"net_0": {"kernel", "bias"}, ...}``.
@@ -291,7 +296,8 @@ def occupancy_grid(decoder_params: Mapping, planes: jax.Array,
   planes = lax.stop_gradient(planes)
   if options.planes_dtype is not None:
     planes = planes.astype(options.planes_dtype)
-  size = 2 * options.occupancy_resolution + 1
+  sub = options.occupancy_subdivision
+  size = sub * options.occupancy_resolution + 1
   axis = jnp.linspace(-options.box_size / 2, options.box_size / 2, size, dtype=jnp.float32)
   yy, zz = jnp.meshgrid(axis, axis, indexing="ij")
 
@@ -301,7 +307,7 @@ def occupancy_grid(decoder_params: Mapping, planes: jax.Array,
     return triplane.density_activation(raw)
 
   density = lax.map(slab, axis)  # [2G + 1] * 3
-  cells = lax.reduce_window(density, -jnp.inf, lax.max, (3, 3, 3), (2, 2, 2), "VALID")
+  cells = lax.reduce_window(density, -jnp.inf, lax.max, (sub + 1,) * 3, (sub,) * 3, "VALID")
   occupied = cells > options.occupancy_threshold
   if options.occupancy_dilation:
     width = 2 * options.occupancy_dilation + 1
@@ -596,7 +602,7 @@ def count_work(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
   bilinear lookup of 4 texels a plane). The compatible and clean modes run every
   chunk; the fast mode only the chunks holding a ray that meets an occupied
   cell (rays sorted first), and probes its grid ``probes`` times a ray; its grid
-  costs ``(2G + 1)^3`` evaluations once per object.
+  costs ``(s G + 1)^3`` evaluations once per object.
 
   Returns:
     dict: ``rays``, ``rays_in_box``, ``chunks``, ``chunks_run``,
@@ -626,7 +632,8 @@ def count_work(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
     span = jnp.sum(jnp.where(hit, end - start, 0.0))
     length = jnp.sum(volume.occupied_length(occupied, start, end))
     out.update(active_rays=active, occupancy_probes=num_rays * options.probes,
-               grid_evaluations=(2 * options.occupancy_resolution + 1) ** 3,
+               grid_evaluations=(options.occupancy_subdivision * options.occupancy_resolution
+                                 + 1) ** 3,
                occupied_fraction=float(jnp.mean(occupancy)),
                occupied_length_fraction=float(length / jnp.maximum(span, 1e-12)))
   evaluations = chunks_run * chunk * (options.num_coarse + options.num_fine)
