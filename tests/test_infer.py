@@ -137,13 +137,14 @@ def test_the_fast_mode_renders_the_compatible_turntable(workspace):
   fast_config = _config(**{k: v for k, v in infer_configs.get_config("fast").render.items()
                            if k in ("mode", "num_coarse", "num_fine", "occupancy_resolution",
                                     "occupancy_subdivision", "num_probes", "termination",
-                                    "jitter")})
-  assert fast_config.render.mode == "fast" and fast_config.render.num_coarse == 16
+                                    "jitter", "proposal")})
+  assert fast_config.render.mode == "fast" and fast_config.render.proposal
+  assert (fast_config.render.num_coarse, fast_config.render.num_fine) == (64, 16)
   assert not fast_config.render.jitter
   reference_config = _config(mode="compatible", num_coarse=64, num_fine=64)
   fast, reference = (infer.Reconstructor(arch, params, c) for c in (fast_config, reference_config))
   planes = fast.planes(np.full((TINY.input_size, TINY.input_size, 3), 0.5, np.float32))
-  grid = np.asarray(fast.occupancy(planes))
+  grid = np.asarray(fast.occupancy(planes).occupied)
   assert grid.shape == (128,) * 3 and grid.any()
   assert reference.occupancy(planes) is None
   key = jax.random.key(0)

@@ -24,7 +24,9 @@ and decoder of the released sizes fitted to an object, so that most of the box
 is empty as in a real reconstruction) instead of random planes, which fill the
 box with density.
 
-With ``--fast`` (a list of ``coarse+fine`` sample budgets) it then compares
+With ``--fast`` (a list of sample budgets: ``coarse+fine`` decoder samples, or
+``lattice>decoded`` for the proposal pass, whose coarse samples read the
+grid's density lattice) it then compares
 the fast mode against compatible on ``--compare_views`` views at
 ``--resolution`` (float32; compatible jittered by a key as released, the fast
 mode at fixed depths unless ``--fast_jitter``; ``--compare_camera``: the
@@ -84,7 +86,8 @@ _FIT = flags.DEFINE_string("fit", "", "A fitted field (tools/fit_triplane.py) in
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "An LRM (e.g. examples/lrm_tiny.safetensors): "
                                   "the field it reconstructs from --image instead of random.")
 _IMAGE = flags.DEFINE_string("image", "", "With --checkpoint; default: the first examples image.")
-_FAST = flags.DEFINE_list("fast", [], "Fast-mode coarse+fine budgets to compare, e.g. 16+16,8+8.")
+_FAST = flags.DEFINE_list("fast", [], "Fast-mode budgets to compare: coarse+fine (decoder "
+                          "samples both), or lattice>decoded (the proposal pass), e.g. 16+16,64>16.")
 _COMPARE_VIEWS = flags.DEFINE_integer("compare_views", 1, "Views of the fast comparison.")
 _FAST_BF16 = flags.DEFINE_bool("fast_bf16", True, "Also score the fast mode in bfloat16.")
 _OCCUPANCY = flags.DEFINE_integer("occupancy_resolution", 128, "Fast mode: grid cells a side.")
@@ -143,7 +146,7 @@ def compare_fast(decoder_params, planes, intrinsics, resolution: int) -> dict:
     c2w, intrinsics = jnp.asarray(c2w), jnp.asarray(intrinsics)
   key = jax.random.key(2)
   render = jax.jit(renderer.render_views, static_argnames=("resolution", "options"))
-  grid_fn = jax.jit(renderer.occupancy_grid, static_argnames=("options",))
+  grid_fn = jax.jit(renderer.occupancy_field, static_argnames=("options",))
 
   def per_view(options, occupancy=None, jitter=True):
     fn = lambda: render(decoder_params, planes, c2w, intrinsics, resolution,
@@ -162,14 +165,15 @@ def compare_fast(decoder_params, planes, intrinsics, resolution: int) -> dict:
          "compatible": {"samples": [64, 64], "view_s": round(reference_s, 3),
                                         "work_per_view": _per_view(work, views)}, "fast": []}
   for budget in _FAST.value:
-    coarse, fine = (int(n) for n in budget.split("+"))
-    row = {"samples": [coarse, fine]}
+    proposal = ">" in budget  # lattice samples > decoded samples
+    coarse, fine = (int(n) for n in budget.replace(">", "+").split("+"))
+    row = {"samples": [coarse, fine], "proposal": proposal}
     for dtype in ["float32"] + (["bfloat16"] if _FAST_BF16.value else []):
       low = dtype != "float32"
       options = renderer.RenderOptions(
           mode="fast", num_coarse=coarse, num_fine=fine, chunk_size=_CHUNK.value,
           occupancy_resolution=_OCCUPANCY.value, occupancy_subdivision=_SUBDIVISION.value,
-          num_probes=_PROBES.value, mlp_dtype=dtype,
+          num_probes=_PROBES.value, proposal=proposal, mlp_dtype=dtype,
           planes_dtype=dtype if low else None)
       timed(grid_fn, decoder_params, planes, options)  # compile
       grid_s = timed(grid_fn, decoder_params, planes, options)

@@ -5,7 +5,8 @@
 #
 #   tools/bench_speed.sh                    # fits the field first if it is not there (~2-4 min)
 #
-# Runs: the fast render mode (16+16, 12+12 and 8+8 samples) against compatible (64+64) on one
+# Runs: the fast render mode (64 lattice > 16 or 12 decoded samples, the fast variant's
+# proposal pass; 16+16 and 12+12 decoder samples) against compatible (64+64) on one
 # 384^2 view of the fitted field from the released turntable's camera and from the orbit
 # records', with PSNR, times and work counts; the same at 128^2 on the demo LRM's field; the
 # 512^3 mesh grid coarse to fine against every grid point on the fitted field. Writes
@@ -35,11 +36,11 @@ json.dump(json.loads(text[start:]), open(sys.argv[2], "w"), indent=1)' "$1" "$2"
 
 for camera in turntable records; do
   "$PY" -m tools.bench_render --fit "$FIT" --views 0 --dtypes= --iters 2 --chunk_size 4096 \
-    --fast 16+16,12+12,8+8 --compare_camera $camera 2>&1 | tee "$OUT/render_fit_$camera.txt"
+    --fast 64\>16,64\>12,16+16,12+12 --compare_camera $camera 2>&1 | tee "$OUT/render_fit_$camera.txt"
   last_json "$OUT/render_fit_$camera.txt" "$OUT/render_fit_$camera.json"
 done
 "$PY" -m tools.bench_render --checkpoint examples/lrm_tiny.safetensors --resolution 128 --views 0 \
-  --dtypes= --iters 3 --chunk_size 4096 --fast 16+16,12+12,8+8 2>&1 | tee "$OUT/render_demo.txt"
+  --dtypes= --iters 3 --chunk_size 4096 --fast 64\>16,64\>12,16+16 2>&1 | tee "$OUT/render_demo.txt"
 last_json "$OUT/render_demo.txt" "$OUT/render_demo.json"
 "$PY" -m tools.bench_mesh --fit "$FIT" 2>&1 | tee "$OUT/mesh_fit.txt"
 last_json "$OUT/mesh_fit.txt" "$OUT/mesh_fit.json"

@@ -228,3 +228,54 @@ def test_work_counts(scene):
   # The dilated cube is about 0.6 of the box a side, and many rays in the box pass it by
   # (measured: 0.17 of the in-box length is occupied).
   assert 0.1 < fast["occupied_length_fraction"] < 0.3
+
+
+PROPOSAL = renderer.RenderOptions(mode="fast", proposal=True, num_coarse=64, num_fine=16,
+                                  chunk_size=512)
+_field = jax.jit(renderer.occupancy_field, static_argnames=("options",))
+
+
+def test_the_lattice_lookup_is_trilinear():
+  # A trilinear function of the coordinates is reproduced exactly between lattice points.
+  axis = np.linspace(-1, 1, 9, dtype=np.float32)
+  x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+  lattice = jnp.asarray(1 + 2 * x - y + 0.5 * z + x * y * z)
+  points = np.random.default_rng(0).uniform(-1, 1, (200, 3)).astype(np.float32)
+  px, py, pz = points.T
+  np.testing.assert_allclose(volume.lattice_lookup(lattice, jnp.asarray(points)),
+                             1 + 2 * px - py + 0.5 * pz + px * py * pz, atol=1e-5)
+  # Outside the box: the nearest face's values.
+  np.testing.assert_allclose(volume.lattice_lookup(lattice, jnp.asarray([[3.0, 0.0, 0.0]])),
+                             [3.0], atol=1e-6)
+
+
+def test_the_proposal_pass_decodes_a_quarter_of_the_samples_of_16_16(scene):
+  decoder, planes, c2w, intrinsics = scene
+  field = _field(decoder, planes, options=PROPOSAL)
+  assert field.raw.shape == (129,) * 3 and field.occupied.shape == (64,) * 3
+  np.testing.assert_array_equal(field.occupied, _grid(decoder, planes, options=PROPOSAL))
+  reference = _render(decoder, planes, c2w, intrinsics, resolution=RES, options=COMPATIBLE)
+  out = _render(decoder, planes, c2w, intrinsics, resolution=RES, options=PROPOSAL,
+                occupancy=field)
+  assert _psnr(out["rgb"], reference["rgb"]) > 40.0  # measured: 53 dB
+  work = renderer.count_work(decoder, planes, c2w, intrinsics, RES, PROPOSAL, field)
+  assert work["mlp_evaluations"] == work["chunks_run"] * 512 * 16
+  assert work["lattice_lookups"] == work["chunks_run"] * 512 * 64
+  with pytest.raises(ValueError, match="occupancy_field"):
+    _render(decoder, planes, c2w, intrinsics, resolution=RES, options=PROPOSAL,
+            occupancy=field.occupied)
+  with pytest.raises(ValueError, match="num_fine"):
+    renderer.RenderOptions(mode="fast", proposal=True, num_fine=0)
+
+
+def test_the_proposal_pass_is_differentiable(scene):
+  decoder, planes, c2w, intrinsics = scene
+  target = jnp.full((1, 24, 24, 3), 0.3)
+
+  def loss(planes):
+    out = renderer.render_views(decoder, planes, c2w[:1], intrinsics[:1], resolution=24,
+                                options=PROPOSAL)
+    return jnp.mean(jnp.square(out["rgb"] - target)) + jnp.mean(out["opacity"])
+
+  grad = jax.jit(jax.grad(loss))(planes)
+  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0

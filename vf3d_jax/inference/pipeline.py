@@ -70,6 +70,7 @@ class Reconstruction:
   foreground_fraction: float = 0.0  # of the (working-size) input covered by the mask
   matte_warning: str | None = None  # a built-in matte that is likely wrong, and what to do
   mesh_cleanup: mesh_lib.Cleanup | None = None  # floaters and decimation
+  alpha: np.ndarray | None = None  # [H', W'] float32: the mask used, at the working size
 
 
 class Reconstructor:
@@ -83,12 +84,12 @@ class Reconstructor:
     r = config.render
     fast = {name: r[name] for name in ("occupancy_resolution", "occupancy_threshold",
                                        "occupancy_dilation", "occupancy_subdivision",
-                                       "num_probes", "termination") if name in r}
+                                       "num_probes", "termination", "proposal") if name in r}
     self.render_options = renderer.RenderOptions(
         num_coarse=r.num_coarse, num_fine=r.num_fine, mode=r.mode, chunk_size=r.chunk_size,
         mlp_dtype=r.mlp_dtype, planes_dtype=r.planes_dtype or None, **fast)
     self._render = jax.jit(renderer.render_views, static_argnames=("resolution", "options"))
-    self._occupancy = jax.jit(renderer.occupancy_grid, static_argnames=("options",))
+    self._occupancy = jax.jit(renderer.occupancy_field, static_argnames=("options",))
     self.decoder_params = params["synthesizer"]["decoder"]
 
   def planes(self, image: np.ndarray, camera: np.ndarray | None = None) -> jax.Array:
@@ -204,7 +205,8 @@ class Reconstructor:
     return Reconstruction(image, np.asarray(planes), frames, mesh, mesh_error, seconds,
                           matte=info["alpha_source"],
                           foreground_fraction=float(np.mean(info["alpha"] > 0.5)),
-                          matte_warning=info.get("matte_warning"), mesh_cleanup=cleanup)
+                          matte_warning=info.get("matte_warning"), mesh_cleanup=cleanup,
+                          alpha=np.asarray(info["alpha"], np.float32))
 
 
 def _atomic(path: str, write) -> str:
@@ -420,6 +422,11 @@ def summary(result: Reconstruction) -> str:
   return matte + "; " + ", ".join(parts) + f"; total {sum(t.values()):.2f} s"
 
 
+def image_key(config, index: int, deterministic: bool) -> jax.Array | None:
+  """The renderer's key for the ``index``-th image of a run (None: deterministic)."""
+  return None if deterministic else jax.random.fold_in(jax.random.key(config.seed), index)
+
+
 def run(config, checkpoint: str, image: str, output: str, deterministic: bool = False,
         save_arrays: bool = False, progress: bool | None = None) -> dict[str, Any]:
   """Reconstructs every image; returns ``{image path: outputs or error}``.
@@ -441,15 +448,13 @@ def _run(config, checkpoint, image, output, deterministic, save_arrays, progress
   check_output(output)
   arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)
   reconstructor = Reconstructor(arch, params, config)
-  key = jax.random.key(config.seed)
   results = {}
   bar = tqdm.tqdm(list(zip(images, output_names(images))), desc="images", unit="image",
                   disable=no_bar(progress))
   for index, (path, name) in enumerate(bar):
     folder = os.path.join(output, name)
     try:
-      image_key = None if deterministic else jax.random.fold_in(key, index)
-      result = reconstructor(path, image_key, progress)
+      result = reconstructor(path, image_key(config, index, deterministic), progress)
       written = write_folder(folder, functools.partial(
           save_reconstruction, result, config=config, save_arrays=save_arrays))
       written = [os.path.join(folder, os.path.basename(p)) for p in written]

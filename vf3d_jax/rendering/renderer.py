@@ -44,7 +44,12 @@ Modes (``RenderOptions.mode``):
   built once per object; each ray probes it at ``num_probes`` points and lays
   its ``num_coarse`` stratified and ``num_fine`` importance samples in the
   occupied spans only (:func:`vf3d_jax.rendering.volume.occupied_depths`),
-  compositing over the occupied length. Samples behind the point where the
+  compositing over the occupied length. With ``proposal`` the coarse pass
+  reads the trilinear interpolation of the grid's raw density lattice
+  (:class:`Occupancy`, from :func:`occupancy_field`) instead of the decoder:
+  its ``num_coarse`` lookups only place the ``num_fine`` decoder samples,
+  which alone are composited (the proposal sampling of mip-NeRF 360, with the
+  lattice as the proposal). Samples behind the point where the
   transmittance falls below ``termination`` stop contributing, and no fine
   sample is floored there. Rays are sorted so that those that meet an
   occupied cell come first and whole chunks of rays that meet none are
@@ -109,6 +114,9 @@ class RenderOptions:
   occupancy_subdivision: int = 2  # density queries a cell side: (s * G + 1)^3 in all
   num_probes: int = 0  # occupancy probes a ray; 0: 2 * occupancy_resolution
   termination: float = 1e-3  # transmittance below which samples stop contributing
+  # The fast mode's coarse pass reads the grid's density lattice (trilinear) instead of the
+  # decoder: num_coarse cheap lookups place the num_fine decoder samples, the only ones composited.
+  proposal: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -117,6 +125,8 @@ class RenderOptions:
         or self.occupancy_subdivision < 1):
       raise ValueError("need occupancy_resolution >= 1, occupancy_subdivision >= 1, "
                        "occupancy_dilation >= 0 and num_probes >= 0")
+    if self.proposal and self.num_fine < 2:
+      raise ValueError("the proposal pass needs num_fine >= 2 (the composited samples)")
     if self.occupancy_threshold < 0 or not 0 <= self.termination < 1:
       raise ValueError("need occupancy_threshold >= 0 and termination in [0, 1)")
     if self.num_coarse < 2 or (self.num_fine > 0 and self.num_coarse < 4):
@@ -271,9 +281,31 @@ def _render_ray(decoder_params, planes, ray, key, options: RenderOptions):
           "depth_min": jnp.min(depths), "depth_max": jnp.max(depths)}
 
 
+class Occupancy(NamedTuple):
+  """The fast mode's view of one field: where it may have density, and how much."""
+
+  occupied: jax.Array  # [G, G, G] bool, indexed [x, y, z]
+  raw: Optional[jax.Array] = None  # [sG + 1]^3 raw density lattice (the proposal pass reads it)
+
+
+def _as_occupancy(occupancy, options: RenderOptions) -> Occupancy:
+  if not isinstance(occupancy, Occupancy):
+    occupancy = Occupancy(occupancy)
+  if options.proposal and occupancy.raw is None:
+    raise ValueError("RenderOptions.proposal needs the density lattice: pass "
+                     "occupancy_field(...), not occupancy_grid(...)")
+  return occupancy
+
+
 def occupancy_grid(decoder_params: Mapping, planes: jax.Array,
                    options: RenderOptions = RenderOptions()) -> jax.Array:
-  """The fast mode's occupancy grid of one field (not differentiated).
+  """The fast mode's occupancy grid of one field: ``occupancy_field(...).occupied``."""
+  return occupancy_field(decoder_params, planes, options).occupied
+
+
+def occupancy_field(decoder_params: Mapping, planes: jax.Array,
+                    options: RenderOptions = RenderOptions()) -> Occupancy:
+  """The fast mode's occupancy grid of one field and its density lattice (not differentiated).
 
   The activated density is queried on the ``(s G + 1)^3`` lattice that
   splits each cell side into ``s`` (``G = options.occupancy_resolution``, ``s
@@ -289,8 +321,9 @@ def occupancy_grid(decoder_params: Mapping, planes: jax.Array,
     options: grid size, threshold, dilation, box size and dtypes.
 
   Returns:
-    ``[G, G, G]`` bool, indexed ``[x, y, z]``
-    (:func:`vf3d_jax.rendering.volume.grid_cells`).
+    :class:`Occupancy`: ``occupied [G, G, G]`` bool, indexed ``[x, y, z]``
+    (:func:`vf3d_jax.rendering.volume.grid_cells`), and the raw densities of
+    the lattice, ``[sG + 1]^3``.
   """
   decoder_params = lax.stop_gradient(decoder_params)
   planes = lax.stop_gradient(planes)
@@ -304,23 +337,24 @@ def occupancy_grid(decoder_params: Mapping, planes: jax.Array,
   def slab(x):
     points = jnp.stack([jnp.full_like(yy, x), yy, zz], axis=-1)
     raw, _ = query_samples(decoder_params, planes, points, options)
-    return triplane.density_activation(raw)
+    return raw
 
-  density = lax.map(slab, axis)  # [2G + 1] * 3
+  raw = lax.map(slab, axis)  # [sG + 1] * 3
+  density = triplane.density_activation(raw)
   cells = lax.reduce_window(density, -jnp.inf, lax.max, (sub + 1,) * 3, (sub,) * 3, "VALID")
   occupied = cells > options.occupancy_threshold
   if options.occupancy_dilation:
     width = 2 * options.occupancy_dilation + 1
     occupied = lax.reduce_window(occupied.astype(jnp.float32), 0.0, lax.max, (width,) * 3,
                                  (1, 1, 1), "SAME") > 0
-  return occupied
+  return Occupancy(occupied, raw)
 
 
 def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: RenderOptions):
   """Renders one ray in the fast mode (samples in its occupied spans only).
 
   Args:
-    occupancy: ``[G, G, G]`` bool.
+    occupancy: :class:`Occupancy`.
     ray, key: as :func:`_render_ray`.
 
   Returns:
@@ -328,8 +362,8 @@ def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: Rende
   """
   noise = _noise_of(ray, key, options)
   origin, direction, start, end = ray["origin"], ray["direction"], ray["start"], ray["end"]
-  occupied = volume.probe_occupancy(origin, direction, start, end, occupancy, options.probes,
-                                    options.box_size)
+  occupied = volume.probe_occupancy(origin, direction, start, end, occupancy.occupied,
+                                    options.probes, options.box_size)
   length = volume.occupied_length(occupied, start, end)
 
   def evaluate(s):
@@ -340,8 +374,21 @@ def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: Rende
 
   s = jnp.clip(volume.stratified_depths(jnp.zeros_like(length), length, noise.jitter), 0.0,
                length)
-  depths, rgb, raw = evaluate(s)
-  if options.num_fine > 0:
+  if options.proposal:
+    # The coarse pass on the lattice: weights only, no decoder, nothing composited.
+    points = volume.sample_points(origin, direction, volume.occupied_depths(s, occupied, start,
+                                                                            end))
+    raw = volume.lattice_lookup(occupancy.raw, points, options.box_size)
+    weights, _, _, _ = volume.composite(jnp.zeros(raw.shape + (3,), raw.dtype), raw, s)
+    alive = None
+    if options.termination > 0:
+      alive = volume.alive_intervals(weights, options.termination)
+    s = jnp.sort(jnp.clip(volume.importance_depths(s, weights, noise.uniforms, floor_mask=alive),
+                          0.0, length))
+    depths, rgb, raw = evaluate(s)
+  else:
+    depths, rgb, raw = evaluate(s)
+  if options.num_fine > 0 and not options.proposal:
     weights, _, _, _ = volume.composite(rgb, raw, s)
     alive = None  # termination 0: every interval floored, as the clean mode
     if options.termination > 0:
@@ -358,7 +405,7 @@ def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: Rende
 def _ray_is_active(occupancy, ray, options: RenderOptions):
   """Whether a ray meets an occupied cell (the fast mode renders only those)."""
   occupied = volume.probe_occupancy(ray["origin"], ray["direction"], ray["start"], ray["end"],
-                                    occupancy, options.probes, options.box_size)
+                                    occupancy.occupied, options.probes, options.box_size)
   return jnp.any(occupied)
 
 
@@ -429,8 +476,9 @@ def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
   """
   fast = options.mode == "fast"
   clean = options.mode in ("clean", "fast")
-  if fast and occupancy is None:
-    occupancy = occupancy_grid(decoder_params, planes, options)
+  if fast:
+    occupancy = (occupancy_field(decoder_params, planes, options) if occupancy is None
+                 else _as_occupancy(occupancy, options))
   if options.planes_dtype is not None:
     planes = planes.astype(options.planes_dtype)
   real = rays["real"]
@@ -620,12 +668,12 @@ def count_work(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
   out = {"rays": num_rays, "rays_in_box": int(jnp.sum(hit)), "chunks": chunks}
   chunks_run = chunks
   if options.mode == "fast":
-    if occupancy is None:
-      occupancy = occupancy_grid(decoder_params, planes, options)
+    occupancy = (occupancy_field(decoder_params, planes, options) if occupancy is None
+                 else _as_occupancy(occupancy, options))
     start = jnp.where(hit, jnp.maximum(t_near, 0.0), 0.0)
     end = jnp.where(hit, t_far, 0.0)
     occupied = jax.jit(jax.vmap(functools.partial(
-        volume.probe_occupancy, grid=occupancy, num_probes=options.probes,
+        volume.probe_occupancy, grid=occupancy.occupied, num_probes=options.probes,
         box_size=options.box_size)))(rays["origin"], rays["direction"], start, end)
     active = int(jnp.sum(jnp.any(occupied, axis=-1)))
     chunks_run = -(-active // chunk)
@@ -634,9 +682,13 @@ def count_work(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
     out.update(active_rays=active, occupancy_probes=num_rays * options.probes,
                grid_evaluations=(options.occupancy_subdivision * options.occupancy_resolution
                                  + 1) ** 3,
-               occupied_fraction=float(jnp.mean(occupancy)),
+               occupied_fraction=float(jnp.mean(occupancy.occupied)),
                occupied_length_fraction=float(length / jnp.maximum(span, 1e-12)))
-  evaluations = chunks_run * chunk * (options.num_coarse + options.num_fine)
+  decoded = options.num_coarse + options.num_fine
+  if options.mode == "fast" and options.proposal:
+    decoded = options.num_fine
+    out["lattice_lookups"] = chunks_run * chunk * options.num_coarse
+  evaluations = chunks_run * chunk * decoded
   out.update(chunks_run=chunks_run, mlp_evaluations=evaluations, plane_lookups=3 * evaluations)
   return out
 
@@ -680,8 +732,9 @@ def render_views_sharded(decoder_params: Mapping, planes: jax.Array,
 
   rays = {name: pad_rays(name, x) for name, x in rays.items()}
   rays_spec = {name: PartitionSpec(axis_name) for name in rays}
-  if options.mode == "fast" and occupancy is None:
-    occupancy = occupancy_grid(decoder_params, planes, options)  # once, replicated
+  if options.mode == "fast":  # once, replicated
+    occupancy = (occupancy_field(decoder_params, planes, options) if occupancy is None
+                 else _as_occupancy(occupancy, options))
   render = functools.partial(_render_flat_rays, num_views=num_views,
                              options=options, axis_name=axis_name)
   if key is None:

@@ -341,6 +341,28 @@ def grid_cells(points: jax.Array, resolution: int, box_size: float = 2.0) -> jax
   return jnp.clip(cell, 0, resolution - 1)
 
 
+def lattice_lookup(lattice: jax.Array, points: jax.Array, box_size: float = 2.0) -> jax.Array:
+  """Trilinear interpolation of a ``[n, n, n]`` lattice over the box at ``points [..., 3]``.
+
+  Lattice point ``(i, j, k)`` sits at ``-box/2 + (i, j, k) * box / (n - 1)``;
+  points outside the box take the nearest face's values.
+  """
+  n = lattice.shape[0]
+  u = jnp.clip((points / box_size + 0.5) * (n - 1), 0.0, n - 1)
+  i0 = jnp.clip(jnp.floor(u).astype(jnp.int32), 0, n - 2)
+  f = u - i0
+  flat = lattice.reshape(-1)
+  out = 0.0
+  for dx in (0, 1):
+    for dy in (0, 1):
+      for dz in (0, 1):
+        index = ((i0[..., 0] + dx) * n + i0[..., 1] + dy) * n + i0[..., 2] + dz
+        weight = ((f[..., 0] if dx else 1 - f[..., 0]) * (f[..., 1] if dy else 1 - f[..., 1])
+                  * (f[..., 2] if dz else 1 - f[..., 2]))
+        out = out + weight * flat[index]
+  return out
+
+
 def probe_occupancy(origin: jax.Array, direction: jax.Array, start: jax.Array,
                     end: jax.Array, grid: jax.Array, num_probes: int,
                     box_size: float = 2.0) -> jax.Array:
