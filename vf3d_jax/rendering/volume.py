@@ -404,8 +404,15 @@ def occupied_depths(s: jax.Array, occupied: jax.Array, start: jax.Array,
   scaled = s / jnp.where(step > 0, step, 1.0)
   j = jnp.clip(jnp.floor(scaled), 0, jnp.maximum(total - 1, 0)).astype(jnp.int32)
   fraction = jnp.clip(scaled - j, 0.0, 1.0)
-  # The (j + 1)-th occupied probe: the number of probes that have seen at most j.
-  probe = jnp.sum(count[..., None, :] <= j[..., :, None], axis=-1)
+  # The (j + 1)-th occupied probe: the occupied probes' indices scattered to their ranks
+  # (P writes and S reads a ray, instead of comparing every sample with every probe).
+  probes = jnp.broadcast_to(jnp.arange(num_probes, dtype=jnp.int32), occupied.shape)
+  rank = jnp.where(occupied, count - 1, num_probes)  # unoccupied probes write past the end
+  flat_rank = rank.reshape(-1, num_probes)
+  by_rank = jax.vmap(lambda r, p: jnp.full((num_probes,), num_probes, jnp.int32).at[r].set(
+      p, mode="drop"))(flat_rank, probes.reshape(-1, num_probes)).reshape(occupied.shape)
+  probe = jnp.take_along_axis(by_rank, j, axis=-1)
+  probe = jnp.where(total > 0, probe, num_probes)
   return jnp.minimum(start[..., None] + (probe + fraction) * step, end[..., None])
 
 
