@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup browser demo test test-slow bench clean
 
 $(STAMP): requirements.lock setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,24 @@ $(STAMP): requirements.lock setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The web app's browser tests (tests/test_app.py) drive Debian's headless Chromium; installed
+# here when it is missing (as root, or with sudo), else those tests skip.
+CHROMIUM ?= /usr/bin/chromium
+NO_BROWSER := chromium could not be installed (needs Debian's apt-get, as root or with sudo): \
+  the browser tests of tests/test_app.py will be skipped
+
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq chromium chromium-driver >/dev/null || true; \
+	  fi; \
+	  [ -x $(CHROMIUM) ] || echo "$(NO_BROWSER)"; \
+	fi
 
 # Image -> 3D on examples/images, then text -> 3D on two prompts with the toy image and video models
 # of examples/ (examples/README.md says how each model was made).

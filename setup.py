@@ -55,10 +55,16 @@ setup(
         # rembg, the released pipeline's matte; preprocess.matting=auto uses it when its
         # model file is present (fetch once: rembg d isnet-general-use). Never downloads here.
         "matting": ["rembg[cpu]>=2.0.86,<3"],
+        # The web app (python -m vf3d_jax.app). Gradio 5, not 6: gradio 6 needs huggingface-hub
+        # >= 1 (6.31: >= 1.16), transformers 4.57 (the last with Flax models) needs < 1.
+        "app": ["gradio>=5.50,<6"],
         # diffusers (PyTorch classes only) is the reference for the video UNet, VAE and
         # scheduler parity tests; the library never imports it.
         "test": ["pytest>=9.2", "pytest-xdist>=3.8", "torch>=2.13,<3", "diffusers>=0.36,<0.37",
                  # A second glTF reader for the GLB export tests.
-                 "pygltflib>=1.16,<2"],
+                 "pygltflib>=1.16,<2",
+                 # The web app's browser tests: gradio, and Playwright driving Debian's Chromium
+                 # (make setup installs it; Playwright's own browser download is not used).
+                 "gradio>=5.50,<6", "playwright>=1.65,<2"],
     },
 )

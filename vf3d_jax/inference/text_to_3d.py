@@ -99,17 +99,21 @@ class TextTo3D:
   options: Any
 
   @classmethod
-  def load(cls, config, checkpoint: str) -> "TextTo3D":
+  def load(cls, config, checkpoint: str,
+           reconstructor: pipeline.Reconstructor | None = None) -> "TextTo3D":
+    """Loads the ``text`` block's models and the LRM of ``checkpoint`` (or uses
+    ``reconstructor``, one already loaded with this config)."""
     from vf3d_jax.video import model as model_lib  # pylint: disable=g-import-not-at-top
     image_dir, video_dir = check_text_config(config)
-    arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)
+    if reconstructor is None:
+      arch, params = pretrained.load_lrm(checkpoint, pos_resize=config.model.pos_resize)
+      reconstructor = pipeline.Reconstructor(arch, params, config)
     image_model, image_params = model_lib.load_export(image_dir)
     # The image model samples single frames.
     image_model = model_lib.VideoModel(dataclasses.replace(image_model.spec, num_frames=1))
     video_model, video_params = model_lib.load_export(video_dir)
     return cls(image_model, image_params, image_model.load_encoders(), video_model, video_params,
-               video_model.load_encoders(), pipeline.Reconstructor(arch, params, config),
-               sample_options(config))
+               video_model.load_encoders(), reconstructor, sample_options(config))
 
   def first_frame(self, prompt: str, key: jax.Array) -> np.ndarray:
     """``[R, R, 3]`` in [0, 1]: the image model's picture of ``prompt``."""
@@ -146,8 +150,9 @@ class TextTo3D:
     return frame, orbit, result
 
 
-def _save(folder: str, prompt: str, frame: np.ndarray, orbit: np.ndarray, result, config,
-          save_arrays: bool) -> list[str]:
+def save_outputs(folder: str, prompt: str, frame: np.ndarray, orbit: np.ndarray, result, config,
+                 save_arrays: bool) -> list[str]:
+  """Writes one prompt's outputs into ``folder`` (see the module docstring); returns the paths."""
   written = pipeline.save_reconstruction(result, folder, config, save_arrays)
   path = os.path.join(folder, "first_frame.png")
   Image.fromarray(np.round(np.clip(frame, 0, 1) * 255).astype(np.uint8)).save(path)
@@ -159,6 +164,13 @@ def _save(folder: str, prompt: str, frame: np.ndarray, orbit: np.ndarray, result
     f.write(prompt + "\n")
   written.append(path)
   return written
+
+
+def prompt_keys(config, index: int, deterministic: bool) -> tuple[jax.Array, jax.Array | None]:
+  """``(sampling key, renderer key or None)`` of the ``index``-th prompt of a run."""
+  prompt_key = jax.random.fold_in(jax.random.key(config.seed), index)
+  return (jax.random.fold_in(prompt_key, 0),
+          None if deterministic else jax.random.fold_in(prompt_key, 1))
 
 
 def run(config, checkpoint: str, prompts: Sequence[str], output: str,
@@ -181,19 +193,16 @@ def run(config, checkpoint: str, prompts: Sequence[str], output: str,
   pipeline.check_output(output)
   with jax.default_matmul_precision(config.get("precision", "highest")):
     models = TextTo3D.load(config, checkpoint)
-    key = jax.random.key(config.seed)
     results = {}
     names = prompt_names(prompts)
     for index, (prompt, name) in enumerate(tqdm.tqdm(list(zip(prompts, names)), desc="prompts",
                                                      unit="prompt", disable=pipeline.no_bar(progress))):
       folder = os.path.join(output, name)
-      prompt_key = jax.random.fold_in(key, index)
-      render_key = None if deterministic else jax.random.fold_in(prompt_key, 1)
+      sample_key, render_key = prompt_keys(config, index, deterministic)
       try:
-        frame, orbit, result = models(prompt, jax.random.fold_in(prompt_key, 0), render_key,
-                                      progress)
+        frame, orbit, result = models(prompt, sample_key, render_key, progress)
         written = pipeline.write_folder(folder, functools.partial(
-            _save, prompt=prompt, frame=frame, orbit=orbit, result=result, config=config,
+            save_outputs, prompt=prompt, frame=frame, orbit=orbit, result=result, config=config,
             save_arrays=save_arrays))
       except (preprocess.EmptyForegroundError, ValueError, OSError) as e:
         tqdm.tqdm.write(f"{prompt!r}: error: {e}", file=sys.stderr)
