@@ -139,7 +139,7 @@ def test_the_fast_mode_renders_the_compatible_turntable(workspace):
                                     "occupancy_subdivision", "num_probes", "termination",
                                     "jitter", "proposal")})
   assert fast_config.render.mode == "fast" and fast_config.render.proposal
-  assert (fast_config.render.num_coarse, fast_config.render.num_fine) == (64, 16)
+  assert (fast_config.render.num_coarse, fast_config.render.num_fine) == (64, 12)
   assert not fast_config.render.jitter
   reference_config = _config(mode="compatible", num_coarse=64, num_fine=64)
   fast, reference = (infer.Reconstructor(arch, params, c) for c in (fast_config, reference_config))
