@@ -65,6 +65,10 @@ setup(
                  "pygltflib>=1.16,<2",
                  # The web app's browser tests: gradio, and Playwright driving Debian's Chromium
                  # (make setup installs it; Playwright's own browser download is not used).
-                 "gradio>=5.50,<6", "playwright>=1.65,<2"],
+                 "gradio>=5.50,<6", "playwright>=1.65,<2",
+                 # tests/test_notebooks.py executes notebooks/ in a kernel of this Python.
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
+        # The notebooks of notebooks/ (plots); Colab has the rest of Jupyter.
+        "notebooks": ["matplotlib>=3.8"],
     },
 )

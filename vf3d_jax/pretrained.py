@@ -9,7 +9,8 @@ It is written to ``<dir>.tmp-<pid>`` and renamed into place, so an interrupted
 conversion leaves no directory that looks complete.
 
 :func:`load_lrm` accepts that directory, the released ``model.safetensors`` or
-a PyTorch pickle with a ``model_state_dict``.
+a PyTorch pickle with a ``model_state_dict``; :func:`find_released` finds the
+released weights (a local copy, the Hugging Face cache or a download).
 """
 
 from __future__ import annotations
@@ -100,3 +101,61 @@ def load_lrm(path: str | os.PathLike, **arch_overrides):
     return load_pretrained(path)
   arch, params = load_checkpoint_file(path, **arch_overrides)
   return arch, jax.tree.map(jnp.asarray, params)
+
+
+# The released VFusion3D weights on the Hugging Face Hub, and where a local copy usually sits
+# (the README's names: the downloaded file, or tools.convert_vfusion3d's output directory).
+RELEASED_REPO = "facebook/vfusion3d"
+RELEASED_FILE = "model.safetensors"
+RELEASED_ENV = "VF3D_RELEASED_WEIGHTS"
+LOCAL_RELEASED = ("checkpoints/vfusion3d", "checkpoints/model.safetensors", "model.safetensors")
+
+
+def _released_here(path: str) -> bool:
+  return is_pretrained_dir(path) if os.path.isdir(path) else os.path.isfile(path)
+
+
+def find_released(search: tuple[str, ...] | list[str] | None = None, download: bool = True,
+                  cache_dir: str | None = None) -> str:
+  """The released VFusion3D weights: a local copy, the Hugging Face cache, or a download.
+
+  Looked for in order: ``$VF3D_RELEASED_WEIGHTS``; each path of ``search``
+  (default :data:`LOCAL_RELEASED`, relative to the working directory), a
+  ``model.safetensors`` or a ``tools.convert_vfusion3d`` directory; the
+  Hugging Face cache's ``facebook/vfusion3d/model.safetensors``; then, with
+  ``download``, ``huggingface_hub.hf_hub_download`` of it (about 1.8 GB;
+  ``HF_HUB_OFFLINE=1`` keeps it offline). Whatever is found is a path
+  :func:`load_lrm` reads.
+
+  Raises:
+    FileNotFoundError: none of these has them; the message says why on one line
+      (offline, a missing package, no copy), so a caller can fall back to the
+      demo model (``vf3d_jax.inference.pipeline.DEMO_CHECKPOINT``).
+  """
+  named = os.environ.get(RELEASED_ENV, "")
+  if named:
+    if not _released_here(named):
+      raise FileNotFoundError(f"${RELEASED_ENV}={named}: no such file or pretrained directory")
+    return named
+  for path in LOCAL_RELEASED if search is None else search:
+    if _released_here(path):
+      return path
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FileNotFoundError("no local copy of the released weights, and huggingface_hub "
+                            "is not installed to fetch them") from None
+  cached = huggingface_hub.try_to_load_from_cache(RELEASED_REPO, RELEASED_FILE,
+                                                  cache_dir=cache_dir)
+  if isinstance(cached, str) and os.path.isfile(cached):
+    return cached
+  if not download:
+    raise FileNotFoundError(f"no local copy of the released weights (looked in "
+                            f"{', '.join(LOCAL_RELEASED if search is None else search)} and the "
+                            f"Hugging Face cache); downloading is off")
+  try:
+    return huggingface_hub.hf_hub_download(RELEASED_REPO, RELEASED_FILE, cache_dir=cache_dir)
+  except Exception as e:  # offline, gated, removed, disk full: all mean "not available here"
+    message = " ".join(str(e).split())[:200] or type(e).__name__
+    raise FileNotFoundError(f"cannot download {RELEASED_REPO}/{RELEASED_FILE} "
+                            f"({type(e).__name__}: {message})") from None
