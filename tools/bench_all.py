@@ -80,14 +80,20 @@ TAIL_LINES = 40
 MIN_START_S = 10
 SMOKE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 
-_SMOKE = flags.DEFINE_bool("smoke", os.environ.get("SMOKE", "0") not in ("", "0"),
-                           "Tiny CPU sizes (default from $SMOKE).")
-_OUTPUT = flags.DEFINE_string("output", "",
-                              "Combined JSON (default $OUT/bench_all.json, else "
-                              "runs/bench_all.json).")
-_ONLY = flags.DEFINE_list("only", [], f"Benchmarks to run (default all): {', '.join(NAMES)}.")
-_BUDGET = flags.DEFINE_integer("budget_s", 470, "Seconds for the whole run; each benchmark's "
-                               "budget is cut to what is left.")
+_SMOKE = _OUTPUT = _ONLY = _BUDGET = None  # flags, defined only when this runs as a program
+
+
+def _define_flags() -> None:
+  """The command line's flags (not at import: importing tools side by side must not clash)."""
+  global _SMOKE, _OUTPUT, _ONLY, _BUDGET  # pylint: disable=global-statement
+  _SMOKE = flags.DEFINE_bool("smoke", os.environ.get("SMOKE", "0") not in ("", "0"),
+                             "Tiny CPU sizes (default from $SMOKE).")
+  _OUTPUT = flags.DEFINE_string("output", "",
+                                "Combined JSON (default $OUT/bench_all.json, else "
+                                "runs/bench_all.json).")
+  _ONLY = flags.DEFINE_list("only", [], f"Benchmarks to run (default all): {', '.join(NAMES)}.")
+  _BUDGET = flags.DEFINE_integer("budget_s", 470, "Seconds for the whole run; each benchmark's "
+                                 "budget is cut to what is left.")
 
 
 def last_json(text: str) -> dict | None:
@@ -242,4 +248,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)
