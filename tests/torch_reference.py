@@ -1,6 +1,8 @@
 """A PyTorch reference of the released LRM, built from torch.nn and transformers.
 
-Written from spec/LRM.md with the released module structure, so its
+Written from the released model's description (facebookresearch/vfusion3d
+``lrm/models/generator.py``, ``transformer.py``, ``encoders/dino_wrapper2.py``
+and ``rendering/synthesizer_part.py``) with its module structure, so its
 ``state_dict()`` has exactly the released key names. It is the yardstick for
 the Flax model's parity tests; nothing in the library imports it.
 """

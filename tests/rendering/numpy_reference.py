@@ -1,4 +1,4 @@
-"""A plain NumPy (float64) renderer of one triplane, written from spec/LRM.md.
+"""A plain NumPy (float64) renderer of one triplane, from the released renderer's description.
 
 It follows the released PyTorch renderer step by step (OpenLRM's
 ``ImportanceRenderer``, ``MipRayMarcher2``, ``get_ray_limits_box``,

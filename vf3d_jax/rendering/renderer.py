@@ -1,9 +1,10 @@
 """Differentiable importance rendering of one triplane.
 
-The released renderer (EG3D's, as modified by OpenLRM; spec/LRM.md section 5)
-for each ray: intersects the box, takes stratified coarse samples, composites
-them, draws fine samples from the smoothed coarse weights, and composites the
-merged, sorted samples. The maths lives in :mod:`vf3d_jax.rendering.volume`;
+The released renderer (EG3D's, as modified by OpenLRM: ``ImportanceRenderer``
+in facebookresearch/vfusion3d ``lrm/models/rendering/utils/renderer.py``, with
+``ray_marcher.py`` and ``math_utils.py`` beside it) for each ray: intersects
+the box, takes stratified coarse samples, composites them, draws fine samples
+from the smoothed coarse weights, and composites the merged, sorted samples. The maths lives in :mod:`vf3d_jax.rendering.volume`;
 this module adds the per-view bookkeeping, randomness, chunking and sharding.
 
 Per-view quantities. The released renderer computes two things over all the
