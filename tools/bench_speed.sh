@@ -26,12 +26,12 @@ OUT=${OUT:-runs/bench_speed}
 mkdir -p "$OUT"
 [ -f "$FIT" ] || "$PY" -m tools.fit_triplane --output "$FIT"
 
-# The last JSON object of a benchmark's output (its summary), into a file of its own.
+# The last JSON object of a benchmark's output (its summary; tools.bench_all.last_json), into a
+# file of its own.
 last_json() {
   "$PY" -c 'import json, sys
-text = open(sys.argv[1]).read()
-start = text.rfind("\n{") + 1
-json.dump(json.loads(text[start:]), open(sys.argv[2], "w"), indent=1)' "$1" "$2"
+from tools.bench_all import last_json
+json.dump(last_json(open(sys.argv[1]).read()), open(sys.argv[2], "w"), indent=1)' "$1" "$2"
 }
 
 for camera in turntable records; do

@@ -62,6 +62,26 @@ def grid_sample(image: jax.Array, coords: jax.Array) -> jax.Array:
   # A one-pixel zero border makes out-of-range corners read zeros without
   # masks: indices are shifted by one and clipped into the padded image.
   padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0))).reshape(-1, channels)
+  indices, weights = _bilinear_taps(coords, height, width)
+  corner = lambda k: jnp.take(padded, indices[k], axis=0).astype(jnp.float32)
+  out = (corner(0) * weights[0][..., None] + corner(1) * weights[1][..., None]
+         + corner(2) * weights[2][..., None] + corner(3) * weights[3][..., None])
+  return out.astype(image.dtype)
+
+
+def _bilinear_taps(coords: jax.Array, height: int, width: int):
+  """The four corners of ``grid_sample``'s bilinear taps in a zero-bordered image.
+
+  Args:
+    coords: ``[..., 2]`` normalised ``(u, v)``; ``u`` indexes the width.
+    height, width: the image's size before its one-pixel zero border.
+
+  Returns:
+    ``(indices, weights)``: four ``[...]`` int32 flat indices into the
+    ``(height + 2) x (width + 2)`` bordered image (out-of-range corners
+    clipped onto the border) and their four ``[...]`` float32 weights, in the
+    order ``(y0, x0), (y0, x1), (y1, x0), (y1, x1)``.
+  """
   coords = coords.astype(jnp.float32)
   px = ((coords[..., 0] + 1.0) * width - 1.0) * 0.5
   py = ((coords[..., 1] + 1.0) * height - 1.0) * 0.5
@@ -74,16 +94,12 @@ def grid_sample(image: jax.Array, coords: jax.Array) -> jax.Array:
   x0 = x0.astype(jnp.int32) + 1
   y0 = y0.astype(jnp.int32) + 1
 
-  def corner(y, x):
-    y = jnp.clip(y, 0, height + 1)
-    x = jnp.clip(x, 0, width + 1)
-    return jnp.take(padded, y * (width + 2) + x, axis=0).astype(jnp.float32)
+  def index(y, x):
+    return jnp.clip(y, 0, height + 1) * (width + 2) + jnp.clip(x, 0, width + 1)
 
-  out = (corner(y0, x0) * (wy0 * wx0)[..., None]
-         + corner(y0, x0 + 1) * (wy0 * wx1)[..., None]
-         + corner(y0 + 1, x0) * (wy1 * wx0)[..., None]
-         + corner(y0 + 1, x0 + 1) * (wy1 * wx1)[..., None])
-  return out.astype(image.dtype)
+  indices = (index(y0, x0), index(y0, x0 + 1), index(y0 + 1, x0), index(y0 + 1, x0 + 1))
+  weights = (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)
+  return indices, weights
 
 
 def sample_triplane(planes: jax.Array, points: jax.Array, box_size: float = 2.0,
@@ -131,28 +147,11 @@ def sample_triplane_one_gather(planes: jax.Array, points: jax.Array,
   """
   _, height, width, channels = planes.shape
   table = jnp.pad(planes, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(-1, channels)
-  coords = project_to_planes(points, box_size).astype(jnp.float32)  # [..., 3, 2]
-  px = ((coords[..., 0] + 1.0) * width - 1.0) * 0.5
-  py = ((coords[..., 1] + 1.0) * height - 1.0) * 0.5
-  x0 = jnp.floor(px)
-  y0 = jnp.floor(py)
-  wx1 = px - x0
-  wy1 = py - y0
-  wx0 = 1.0 - wx1
-  wy0 = 1.0 - wy1
-  x0 = x0.astype(jnp.int32) + 1
-  y0 = y0.astype(jnp.int32) + 1
+  coords = project_to_planes(points, box_size)  # [..., 3, 2]
+  taps, weights = _bilinear_taps(coords, height, width)
   base = jnp.arange(3, dtype=jnp.int32) * ((height + 2) * (width + 2))  # each plane's offset
-
-  def index(y, x):
-    y = jnp.clip(y, 0, height + 1)
-    x = jnp.clip(x, 0, width + 1)
-    return base + y * (width + 2) + x  # [..., 3]
-
-  # Corners in grid_sample's order of summation: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
-  indices = jnp.stack([index(y0, x0), index(y0, x0 + 1), index(y0 + 1, x0),
-                       index(y0 + 1, x0 + 1)], axis=-1)  # [..., 3, 4]
-  weights = jnp.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], axis=-1)
+  indices = jnp.stack(taps, axis=-1) + base[:, None]  # [..., 3, 4]
+  weights = jnp.stack(weights, axis=-1)
   corners = jnp.take(table, indices, axis=0).astype(jnp.float32)  # [..., 3, 4, C]
   out = (corners[..., 0, :] * weights[..., 0, None] + corners[..., 1, :] * weights[..., 1, None]
          + corners[..., 2, :] * weights[..., 2, None] + corners[..., 3, :] * weights[..., 3, None])

@@ -289,7 +289,10 @@ class Occupancy(NamedTuple):
   raw: Optional[jax.Array] = None  # [sG + 1]^3 raw density lattice (the proposal pass reads it)
 
 
-def _as_occupancy(occupancy, options: RenderOptions) -> Occupancy:
+def _as_occupancy(occupancy, decoder_params, planes, options: RenderOptions) -> Occupancy:
+  """The fast mode's :class:`Occupancy`: built from the field when None, wrapped when a grid."""
+  if occupancy is None:
+    return occupancy_field(decoder_params, planes, options)
   if not isinstance(occupancy, Occupancy):
     occupancy = Occupancy(occupancy)
   if options.proposal and occupancy.raw is None:
@@ -356,15 +359,15 @@ def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: Rende
 
   Args:
     occupancy: :class:`Occupancy`.
-    ray, key: as :func:`_render_ray`.
+    ray, key: as :func:`_render_ray`; the ray also holds ``occupied [P]``,
+      its probes of the grid (:func:`_probe_rays`).
 
   Returns:
     dict ``rgb [3], opacity, depth`` (inf when empty; not clamped).
   """
   noise = _noise_of(ray, key, options)
   origin, direction, start, end = ray["origin"], ray["direction"], ray["start"], ray["end"]
-  occupied = volume.probe_occupancy(origin, direction, start, end, occupancy.occupied,
-                                    options.probes, options.box_size)
+  occupied = ray["occupied"]
   length = volume.occupied_length(occupied, start, end)
 
   def evaluate(s):
@@ -386,9 +389,7 @@ def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: Rende
       alive = volume.alive_intervals(weights, options.termination)
     s = jnp.sort(jnp.clip(volume.importance_depths(s, weights, noise.uniforms, floor_mask=alive),
                           0.0, length))
-    depths, rgb, raw = evaluate(s)
-  else:
-    depths, rgb, raw = evaluate(s)
+  depths, rgb, raw = evaluate(s)
   if options.num_fine > 0 and not options.proposal:
     weights, _, _, _ = volume.composite(rgb, raw, s)
     alive = None  # termination 0: every interval floored, as the clean mode
@@ -403,11 +404,12 @@ def _render_ray_fast(decoder_params, planes, occupancy, ray, key, options: Rende
   return {"rgb": rgb_out, "opacity": opacity, "depth": depth}
 
 
-def _ray_is_active(occupancy, ray, options: RenderOptions):
-  """Whether a ray meets an occupied cell (the fast mode renders only those)."""
-  occupied = volume.probe_occupancy(ray["origin"], ray["direction"], ray["start"], ray["end"],
-                                    occupancy.occupied, options.probes, options.box_size)
-  return jnp.any(occupied)
+def _probe_rays(occupancy: Occupancy, per_ray, chunk: int, options: RenderOptions):
+  """``[N, P]`` bool: every ray's probes of the grid, ``chunk`` rays at a time."""
+  probe = lambda ray: volume.probe_occupancy(ray["origin"], ray["direction"], ray["start"],
+                                             ray["end"], occupancy.occupied, options.probes,
+                                             options.box_size)
+  return lax.map(probe, per_ray, batch_size=chunk)
 
 
 def _render_compacted(render_one, per_ray, active, chunk: int):
@@ -478,8 +480,7 @@ def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
   fast = options.mode == "fast"
   clean = options.mode in ("clean", "fast")
   if fast:
-    occupancy = (occupancy_field(decoder_params, planes, options) if occupancy is None
-                 else _as_occupancy(occupancy, options))
+    occupancy = _as_occupancy(occupancy, decoder_params, planes, options)
   if options.planes_dtype is not None:
     planes = planes.astype(options.planes_dtype)
   real = rays["real"]
@@ -520,8 +521,9 @@ def _render_flat_rays(decoder_params, planes, rays, key, num_views: int,
   chunk = min(options.chunk_size, num_rays)
   pad = -num_rays % chunk
   if fast:
-    active = lax.map(lambda ray: _ray_is_active(occupancy, ray, options), per_ray,
-                     batch_size=chunk)
+    # Probed once: the probes say which rays to render and where their samples go.
+    per_ray["occupied"] = _probe_rays(occupancy, per_ray, chunk, options)
+    active = jnp.any(per_ray["occupied"], axis=-1)
     out = _render_compacted(render_one, per_ray, active, chunk)
   else:
     per_ray = jax.tree.map(
@@ -669,8 +671,7 @@ def count_work(decoder_params: Mapping, planes: jax.Array, c2w: jax.Array,
   out = {"rays": num_rays, "rays_in_box": int(jnp.sum(hit)), "chunks": chunks}
   chunks_run = chunks
   if options.mode == "fast":
-    occupancy = (occupancy_field(decoder_params, planes, options) if occupancy is None
-                 else _as_occupancy(occupancy, options))
+    occupancy = _as_occupancy(occupancy, decoder_params, planes, options)
     start = jnp.where(hit, jnp.maximum(t_near, 0.0), 0.0)
     end = jnp.where(hit, t_far, 0.0)
     occupied = jax.jit(jax.vmap(functools.partial(
@@ -734,8 +735,7 @@ def render_views_sharded(decoder_params: Mapping, planes: jax.Array,
   rays = {name: pad_rays(name, x) for name, x in rays.items()}
   rays_spec = {name: PartitionSpec(axis_name) for name in rays}
   if options.mode == "fast":  # once, replicated
-    occupancy = (occupancy_field(decoder_params, planes, options) if occupancy is None
-                 else _as_occupancy(occupancy, options))
+    occupancy = _as_occupancy(occupancy, decoder_params, planes, options)
   render = functools.partial(_render_flat_rays, num_views=num_views,
                              options=options, axis_name=axis_name)
   if key is None:
